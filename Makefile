@@ -1,0 +1,30 @@
+# One-command set-up: every target below creates .venv from the pinned requirements first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+ARGS   ?=
+
+.PHONY: setup train test test-slow test-all clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: $(STAMP)  ## make train ARGS="norm=bcn_ws batch_size_per_device=1"
+	$(BIN)/python train.py $(ARGS)
+
+test: $(STAMP)  ## the default suite (real-data tests run when ../shared/data is present)
+	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+
+test-slow: $(STAMP)  ## long tests: real training runs
+	$(BIN)/python -m pytest -m slow $(ARGS)
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,35 @@
+"""CIFAR VGG (Simonyan & Zisserman 2015, as in the common CIFAR repos): 3x3 conv-norm-ReLU
+stacks, five max-pools down to 1x1, one linear classifier."""
+from __future__ import annotations
+
+from torch import nn
+
+from .common import NormFactory
+
+# Numbers are conv widths, "M" a 2x2 max-pool.
+CFG = {
+    11: [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    13: [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    16: [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    19: [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+         512, 512, 512, 512, "M"],
+}
+DEPTHS = tuple(CFG)
+
+
+class VGG(nn.Module):
+    def __init__(self, depth: int, conv: type[nn.Conv2d], norm_layer: NormFactory,
+                 num_classes: int = 10):
+        super().__init__()
+        layers, in_ch = [], 3
+        for v in CFG[depth]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [conv(in_ch, v, 3, padding=1, bias=False), norm_layer(v), nn.ReLU(True)]
+                in_ch = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))

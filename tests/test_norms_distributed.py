@@ -1,0 +1,55 @@
+"""Cross-process statistics with real processes (gloo on CPU): syncbn and bcn over 2 ranks
+must equal the same layer over the whole batch in one process."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from norms import build_norm, configure_devices
+
+WORLD = 2
+DT = torch.float64
+
+
+def _run(rank, init_file, norm, virtual_devices):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=WORLD)
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(WORLD * virtual_devices * 2, 6, 3, 3, generator=gen, dtype=DT) * 2 + 1
+        up = torch.randn(x.shape, generator=gen, dtype=DT)
+        ref, layer = (build_norm(norm, 6, groups=3, momentum=0.3).to(DT) for _ in range(2))
+        with torch.no_grad():
+            for p in [*ref.parameters(), *layer.parameters()]:
+                p.copy_(torch.linspace(0.5, 1.5, p.numel(), dtype=DT).view(p.shape))
+        configure_devices(layer, virtual_devices=virtual_devices, process_group=dist.group.WORLD)
+        mine = slice(rank * len(x) // WORLD, (rank + 1) * len(x) // WORLD)
+        for _ in range(2):  # two steps: bcn's second step normalises with updated estimates
+            xr = x.clone().requires_grad_(True)
+            y_ref = ref(xr)
+            (y_ref * up).sum().backward()
+            xm = x[mine].clone().requires_grad_(True)
+            y = layer(xm)
+            (y * up[mine]).sum().backward()
+            torch.testing.assert_close(y, y_ref[mine])
+            torch.testing.assert_close(xm.grad, xr.grad[mine])
+        for p in layer.parameters():
+            dist.all_reduce(p.grad)  # DDP sums (then averages) parameter gradients
+        for (name, p), q in zip(layer.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, msg=f"{norm} grad {name}")
+        for (name, b), c in zip(layer.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(b, c, msg=f"{norm} buffer {name}")
+        layer.eval(), ref.eval()
+        torch.testing.assert_close(layer(x[mine]), ref(x)[mine])
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("norm,virtual_devices", [("syncbn", 1), ("syncbn", 2), ("bcn", 1),
+                                                  ("bcn", 2)])
+def test_cross_process_statistics_equal_whole_batch(tmp_path, norm, virtual_devices):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_run, args=(str(tmp_path / "init"), norm, virtual_devices), nprocs=WORLD)
