@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .common import he_init, make_layers
+from .common import first_failing_norm, he_init, make_layers
 from .resnet import IMAGENET_CFG, ResNet, is_valid_depth
 from .vgg import DEPTHS as VGG_DEPTHS
 from .vgg import VGG
@@ -35,7 +35,12 @@ def build_model(arch: str, depth: int, norm: str = "bn", ws: bool = False,
     the last norm in each residual branch so every block starts as the identity."""
     check_depth(arch, depth)
     conv, norm_layer = make_layers(norm, ws, norm_options)
-    net = (VGG if arch == "vgg" else ResNet)(depth, conv, norm_layer, num_classes)
+    net_cls = VGG if arch == "vgg" else ResNet
+    try:
+        net = net_cls(depth, conv, norm_layer, num_classes)
+    except ValueError as e:
+        layer = first_failing_norm(lambda f: net_cls(depth, conv, f, num_classes), norm_layer)
+        raise ValueError(f"{arch}{depth} layer {layer}: {e}" if layer else str(e)) from None
     he_init(net)
     if zero_init_residual:
         if arch != "resnet":

@@ -50,8 +50,14 @@ def test_bad_arch_or_depth(arch, depth, match):
 
 
 def test_bad_norm_option_fails_at_build_time_naming_it():
-    with pytest.raises(ValueError, match="gn: groups=32 does not divide num_channels=16"):
+    with pytest.raises(ValueError, match=r"^resnet20 layer stem\.1: gn: groups=32 does not "
+                                         r"divide num_channels=16"):
         build_model("resnet", 20, norm="gn", groups=32)
+    with pytest.raises(ValueError, match=r"^vgg11 layer features\.1: bcn: groups=3 does not "
+                                         r"divide num_channels=64"):
+        build_model("vgg", 11, norm="bcn", channels_per_group=None, groups=3)
+    with pytest.raises(ValueError, match=r"^norm='xx' is unknown"):
+        build_model("vgg", 11, norm="xx")
 
 
 def test_he_init_on_convolutions():

@@ -1,0 +1,44 @@
+"""Checkpoints: written atomically, read with weights_only=True, never silently replaced."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """An unreadable or incompatible checkpoint; str() is one line naming the file."""
+
+
+def save(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, then rename: a kill leaves the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupt, not a checkpoint, unsafe pickle
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            "; move it away to start over, or set hydra.run.dir to another folder") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "identity"} <= set(state):
+        raise CheckpointError(f"checkpoint {path} is not a run checkpoint of this project "
+                              "(missing model/optimizer/epoch/identity)")
+    return state
+
+
+def check_compatible(path: Path, saved: dict, current: dict) -> None:
+    """The run being resumed must be the same experiment, key for key."""
+    keys = sorted(set(saved) | set(current))
+    diff = [k for k in keys if saved.get(k) != current.get(k)]
+    if diff:
+        k = diff[0]
+        raise CheckpointError(
+            f"checkpoint {path} belongs to a different run ({k}: {saved.get(k)!r} there, "
+            f"{current.get(k)!r} now); use another hydra.run.dir, or trainer.resume=false to "
+            "refuse resuming")

@@ -1,0 +1,187 @@
+"""The typed config schema (Hydra structured configs) and the one place it is validated.
+
+The dataclasses below are the schema: Hydra refuses unknown keys and ill-typed values while
+composing (`batch_size_per_device=abc`, `trainer.epoch=3`). `validate` then checks what types
+cannot (ranges, depths, groups against every layer's channels, devices) before any data or
+model is built, raising ConfigError with one line: the key, the value and what is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+DATASETS = ("cifar10", "cifar100", "synthetic")
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration problem; str() is one line naming key, value, allowed."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = MISSING              # vgg | resnet (chosen by the `model` group)
+    depth: int = MISSING
+    zero_init_residual: bool = False
+
+
+@dataclass
+class NormConfig:
+    name: str = MISSING              # bn | syncbn | gn | ln | in | bcn | none
+    ws: bool = False                 # Weight Standardization on every convolution
+    groups: Optional[int] = None     # gn, bcn (or channels_per_group); default set per preset
+    channels_per_group: Optional[int] = None
+    eps: float = 1e-5
+    momentum: Optional[float] = 0.1  # bn running-stat rate; bcn: the estimate update rate r
+
+
+@dataclass
+class DataConfig:
+    name: str = "cifar10"
+    root: Optional[str] = None       # pickled layout, image folder, or a .tar.gz of one
+    download: bool = False
+    train_subset: int = 0            # first-N deterministic subset; 0 = all
+    train_size: int = 5000           # synthetic only
+    test_size: int = 1000            # synthetic only
+    augment: bool = True
+    cache_dir: Optional[str] = None
+    eval_batch_size: int = 1000
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1                  # base lr for a global batch of 128, scaled linearly
+    scale_lr: bool = True            # lr = optim.lr x global_batch / 128
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0       # linear warm-up, then cosine to 0
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 30
+    devices: int = 1                 # real processes (DDP)
+    virtual_devices: int = 1         # devices simulated in one process
+    accumulate: int = 1              # gradient-accumulation steps per optimizer step
+    device: str = "auto"             # auto | cpu | cuda
+    num_threads: int = 0             # torch CPU threads; 0 = torch's default
+    resume: bool = True              # continue from <run dir>/checkpoints/last.pt if present
+    progress: bool = True            # tqdm bar on interactive terminals
+    check_every: int = 50            # steps between non-finite-loss checks (host syncs)
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "auto"               # auto | online | offline | disabled
+    project: str = "microbatch"
+    entity: Optional[str] = None
+    group: Optional[str] = None      # default: the experiment name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    batch_size_per_device: int = 128
+    seed: int = 0
+    name: str = "default"            # the experiment/sweep name: wandb group, output folder
+
+
+def register() -> None:
+    """Register the schema (named in configs/config.yaml's defaults) and the resolvers."""
+    ConfigStore.instance().store(name="schema", node=Config)
+    if not OmegaConf.has_resolver("ws_suffix"):
+        OmegaConf.register_new_resolver("ws_suffix", lambda ws: "_ws" if ws else "")
+
+
+# ---------------------------------------------------------------- derived values
+
+
+def global_batch(cfg) -> int:
+    t = cfg.trainer
+    return cfg.batch_size_per_device * t.devices * t.virtual_devices * t.accumulate
+
+
+def norm_options(cfg) -> dict[str, Any]:
+    """The options `build_norm` takes, from the norm config."""
+    n = cfg.norm
+    opts = {"eps": n.eps, "momentum": n.momentum}
+    if n.channels_per_group is not None:
+        opts["channels_per_group"] = n.channels_per_group
+    elif n.groups is not None:
+        opts["groups"] = n.groups
+    return opts
+
+
+def norm_label(cfg) -> str:
+    return cfg.norm.name + ("_ws" if cfg.norm.ws else "")
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check everything that can be checked without data; raise ConfigError on the first.
+
+    Builds the model once (cheap) so that norm options are checked against every layer."""
+    from models import build_model, check_depth  # engine -> models, never the reverse
+
+    _require(cfg.batch_size_per_device >= 1, "batch_size_per_device", cfg.batch_size_per_device,
+             "an integer >= 1")
+    t = cfg.trainer
+    for key in ("epochs", "devices", "virtual_devices", "accumulate", "check_every"):
+        _require(t[key] >= 1, f"trainer.{key}", t[key], "an integer >= 1")
+    _require(t.num_threads >= 0, "trainer.num_threads", t.num_threads, "0 (default) or >= 1")
+    _require(t.device in DEVICES, "trainer.device", t.device, ", ".join(DEVICES))
+    o = cfg.optim
+    _require(o.lr >= 0, "optim.lr", o.lr, "a number >= 0")
+    _require(0 <= o.momentum < 1, "optim.momentum", o.momentum, "a number in [0, 1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
+    _require(0 <= o.warmup_epochs <= t.epochs, "optim.warmup_epochs", o.warmup_epochs,
+             f"a number in [0, trainer.epochs={t.epochs}]")
+    d = cfg.data
+    _require(d.name in DATASETS, "data.name", d.name, ", ".join(DATASETS))
+    _require(d.train_subset >= 0, "data.train_subset", d.train_subset, "0 (all) or >= 1")
+    _require(d.eval_batch_size >= 1, "data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
+    if d.name == "synthetic":
+        _require(d.train_size >= 1, "data.train_size", d.train_size, "an integer >= 1")
+        _require(d.test_size >= 1, "data.test_size", d.test_size, "an integer >= 1")
+    elif d.root is None and not d.download:
+        raise ConfigError(f"data.root=None: set data.root to the {d.name} data (pickled layout, "
+                          "image folder or .tar.gz) or data.download=true")
+    _require(cfg.logger.mode in LOGGER_MODES, "logger.mode", cfg.logger.mode,
+             ", ".join(LOGGER_MODES))
+    if t.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device='cuda' but no CUDA device is visible; "
+                              "allowed here: auto, cpu")
+
+    try:
+        check_depth(cfg.model.arch, cfg.model.depth)
+        build_model(cfg.model.arch, cfg.model.depth, norm=cfg.norm.name, ws=cfg.norm.ws,
+                    zero_init_residual=cfg.model.zero_init_residual, **norm_options(cfg))
+    except ValueError as e:
+        raise ConfigError(_config_keys(str(e))) from None
+
+
+def _config_keys(message: str) -> str:
+    """Speak in config keys: the norm factory says `groups=`, the user typed `norm.groups=`."""
+    for key in ("groups", "channels_per_group", "eps", "momentum"):
+        message = message.replace(f": {key}=", f": norm.{key}=")
+    return message.replace("norm='", "norm.name='")

@@ -1,0 +1,829 @@
+"""Data sets and in-memory batching for micro-batch CIFAR training.
+
+Design
+------
+The whole data set (CIFAR-10/100: 60k images of 3x32x32 bytes, ~180 MB) is held as one uint8
+tensor and uploaded to the training device once.  Training batches are then produced with a
+handful of batched tensor ops on that device (gather rows, random crop via index arithmetic,
+flip via index reversal, float conversion, normalisation).  There is no DataLoader: at 1-2 images
+per device per step, a DataLoader's per-sample Python work (``__getitem__``, PIL transforms,
+collation, pinning, worker IPC) costs far more than the forward/backward pass itself and would
+dominate the measurements this project is about.
+
+Determinism across device counts: every epoch's permutation and *all* augmentation parameters
+(crop offsets, flips) are drawn for the GLOBAL batch on the CPU from a generator seeded by
+``(seed, epoch)``.  A rank only gathers and augments its own rows ``[start:stop)`` of each global
+batch, so the rows it sees are bit-identical to the same rows of the undivided batch: the same run
+on 1, 2 or 8 devices consumes exactly the same images with the same augmentation.
+
+Sources (``load_dataset``)
+--------------------------
+* ``cifar10`` / ``cifar100`` from ``data.root``, which may be
+  (a) torchvision's pickled layout (``cifar-10-batches-py/`` or ``cifar-100-python/``, or that
+  folder itself),
+  (b) an image-folder layout ``train/<class>/*.{jpg,jpeg,png}`` + ``test/<class>/*`` (class index =
+  sorted class-folder order), or
+  (c) a ``.tar.gz``/``.tgz``/``.tar`` archive holding (b) (possibly under one top-level folder)
+  or the official pickled tarball; archives are read directly, nothing is extracted to disk.
+  Decoded image folders/archives are cached as a ``.pt`` file (see ``default_cache_dir``); the
+  pickled layout is fast to read and is not cached.  torchvision is only used to download the
+  official archive when ``download=True`` and nothing usable is at the root.
+* ``synthetic``: deterministic, learnable 10-class toy data generated from ``seed`` (no files).
+
+Every user-caused problem raises ``DataError`` with a one-line message naming the config key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import pickle
+import tarfile
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "DataError",
+    "Split",
+    "Dataset",
+    "load_dataset",
+    "default_cache_dir",
+    "subset_indices",
+    "GlobalBatches",
+    "augmentation_params",
+    "crop_flip",
+    "normalize",
+    "eval_batches",
+    "shard_bounds",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
+    "CIFAR100_MEAN",
+    "CIFAR100_STD",
+]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+IMAGE_SIZE = 32
+PAD = 4  # RandomCrop(32, padding=4)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png")
+ARCHIVE_EXTS = (".tar.gz", ".tgz", ".tar")
+_CACHE_FORMAT = 1  # bump when the cached content/layout changes
+
+
+class DataError(ValueError):
+    """A user-caused data problem; str(e) is one clear line naming the config key (e.g.
+    data.root), the bad value and what is allowed/expected."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, 3, 32, 32], contiguous
+    labels: torch.Tensor  # int64 [N]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Dataset:
+    name: str  # "cifar10" | "cifar100" | "synthetic"
+    train: Split
+    test: Split
+    classes: list[str]
+    mean: tuple[float, float, float]  # per-channel, in [0,1] pixel units, for normalisation
+    std: tuple[float, float, float]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-name facts
+
+
+@dataclass(frozen=True)
+class _Spec:
+    pretty: str
+    num_classes: int
+    pickle_dir: str
+    train_files: tuple[str, ...]
+    test_files: tuple[str, ...]
+    meta_file: str
+    label_key: bytes
+    names_key: bytes
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+_SPECS = {
+    "cifar10": _Spec(
+        "CIFAR-10", 10, "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",), "batches.meta",
+        b"labels", b"label_names", CIFAR10_MEAN, CIFAR10_STD,
+    ),
+    "cifar100": _Spec(
+        "CIFAR-100", 100, "cifar-100-python", ("train",), ("test",), "meta",
+        b"fine_labels", b"fine_label_names", CIFAR100_MEAN, CIFAR100_STD,
+    ),
+}
+_NAMES = ("cifar10", "cifar100", "synthetic")
+
+
+def _one_line(text: object, limit: int = 200) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _expected(spec: _Spec) -> str:
+    return (
+        f"expected {spec.pickle_dir}/ (torchvision pickles) or train/<class>/*.png|jpg + "
+        f"test/<class>/* image folders, or a .tar.gz/.tgz/.tar archive of those"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None,
+    download: bool = False,
+    train_subset: int = 0,
+    train_size: int = 5000,
+    test_size: int = 1000,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+) -> Dataset:
+    """Load ``name`` ("cifar10", "cifar100" or "synthetic") fully into memory as uint8 tensors.
+
+    ``root``/``download``/``cache_dir`` apply to the CIFAR sets (see the module docstring),
+    ``train_size``/``test_size``/``seed`` to "synthetic" only.  With ``root=None`` and
+    ``download=True`` the data is downloaded to (or reused from) ``<cache_dir>/data``.
+
+    ``train_subset`` > 0 keeps N training images chosen by :func:`subset_indices`: the first N of
+    the *class-interleaved* order (the 1st image of every class in label order, then the 2nd of
+    every class, ...), where "k-th image of a class" is in data-set order.  The choice is
+    seed-independent, the same N always gives the same images, any N >= #classes covers every
+    class and class counts differ by at most one.  The kept images stay in data-set order.
+    """
+    if not isinstance(name, str) or name.lower() not in _NAMES:
+        raise DataError(f"data.name={name!r} is not supported; expected one of {', '.join(_NAMES)}")
+    name = name.lower()
+    if name == "synthetic":
+        ds = _synthetic(train_size, test_size, seed)
+    else:
+        ds = _load_cifar(name, root, download, cache_dir)
+    if train_subset:
+        ds.train = _apply_subset(ds.train, int(train_subset), len(ds.classes))
+    return ds
+
+
+def _apply_subset(split: Split, n: int, num_classes: int) -> Split:
+    total = len(split)
+    if n < 0 or n > total:
+        raise DataError(
+            f"data.train_subset={n} is out of range; expected 0 (all) or 1..{total} "
+            f"(the training set has {total} images)"
+        )
+    idx = subset_indices(split.labels, n, num_classes)
+    return Split(split.images[idx].contiguous(), split.labels[idx].contiguous())
+
+
+def subset_indices(labels: torch.Tensor, n: int, num_classes: int | None = None) -> torch.Tensor:
+    """Indices (sorted ascending) of the first ``n`` items of the class-interleaved order."""
+    labels = labels.to(torch.int64).cpu()
+    total = labels.numel()
+    if num_classes is None:
+        num_classes = int(labels.max()) + 1 if total else 1
+    order = torch.sort(labels, stable=True).indices  # grouped by class, data-set order within
+    counts = torch.bincount(labels, minlength=num_classes)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(total) - torch.repeat_interleave(starts, counts)
+    rank = torch.empty_like(rank_sorted)
+    rank[order] = rank_sorted  # position of each image within its class
+    key = rank * num_classes + labels  # unique per image
+    chosen = torch.argsort(key)[:n]
+    return torch.sort(chosen).values
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR from disk
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/microbatch`` or ``~/.cache/microbatch``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "microbatch"
+
+
+def _load_cifar(name: str, root, download: bool, cache_dir) -> Dataset:
+    spec = _SPECS[name]
+    if (root is None or str(root).strip() == "") and download:
+        # no root but downloading allowed: keep the download beside the decoded-image cache
+        base = Path(os.path.expanduser(str(cache_dir))) if cache_dir is not None else default_cache_dir()
+        root = base / "data"
+    if root is None or str(root).strip() == "":
+        raise DataError(
+            f"data.root is not set; set it to a {spec.pretty} folder or archive "
+            f"({_expected(spec)}), optionally with data.download=true"
+        )
+    root_str = str(root)
+    path = Path(os.path.expanduser(root_str)).absolute()
+
+    if path.is_file():
+        if not path.name.lower().endswith(ARCHIVE_EXTS):
+            raise DataError(
+                f"data.root={root_str} is a file but not a .tar.gz/.tgz/.tar archive; {_expected(spec)}"
+            )
+        train, test, classes = _cached(name, path, cache_dir, lambda: _read_archive(spec, path, root_str))
+    elif path.is_dir():
+        kind = _detect_dir(spec, path)
+        if kind is None and download:
+            _download(spec, path, root_str)
+            kind = _detect_dir(spec, path)
+            if kind is None:
+                raise DataError(
+                    f"data.download=true but no {spec.pretty} data appeared under data.root={root_str} "
+                    f"after downloading; {_expected(spec)}"
+                )
+        if kind is None:
+            for d in (path / spec.pickle_dir, path):
+                names = spec.train_files + spec.test_files + (spec.meta_file,)
+                missing = [f for f in names if not (d / f).is_file()]
+                if d.is_dir() and len(missing) < len(names):
+                    raise DataError(
+                        f"data.root={root_str}: the {spec.pretty} pickles in {d} are incomplete "
+                        f"(missing {', '.join(missing)}); re-download or set data.download=true"
+                    )
+            raise DataError(
+                f"data.root={root_str} has no recognised {spec.pretty} layout ({_listing(path)}); "
+                f"{_expected(spec)}, or set data.download=true"
+            )
+        layout, where = kind
+        if layout == "pickle":
+            train, test, classes = _read_pickled_dir(spec, where, root_str)
+        else:
+            train, test, classes = _cached(
+                name, where, cache_dir, lambda: _read_image_dir(spec, where, root_str)
+            )
+    elif path.exists():
+        raise DataError(f"data.root={root_str} is neither a directory nor an archive file; {_expected(spec)}")
+    else:
+        if download:
+            _download(spec, path, root_str)
+            kind = _detect_dir(spec, path)
+            if kind is None or kind[0] != "pickle":
+                raise DataError(
+                    f"data.download=true but no {spec.pretty} data appeared under data.root={root_str} "
+                    f"after downloading; {_expected(spec)}"
+                )
+            train, test, classes = _read_pickled_dir(spec, kind[1], root_str)
+        else:
+            raise DataError(
+                f"data.root={root_str} does not exist; {_expected(spec)}, or set data.download=true"
+            )
+
+    if len(classes) != spec.num_classes:
+        raise DataError(
+            f"data.root={root_str} has {len(classes)} classes but data.name={name} expects "
+            f"{spec.num_classes}"
+        )
+    return Dataset(name, train, test, list(classes), spec.mean, spec.std)
+
+
+def _listing(path: Path, limit: int = 6) -> str:
+    try:
+        names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    except OSError as e:
+        return f"unreadable: {_one_line(e, 80)}"
+    if not names:
+        return "it is empty"
+    more = f", ... ({len(names)} entries)" if len(names) > limit else ""
+    return "found " + ", ".join(names[:limit]) + more
+
+
+def _is_pickle_dir(spec: _Spec, d: Path) -> bool:
+    return all((d / f).is_file() for f in spec.train_files + spec.test_files + (spec.meta_file,))
+
+
+def _detect_dir(spec: _Spec, path: Path) -> tuple[str, Path] | None:
+    if (path / spec.pickle_dir).is_dir() and _is_pickle_dir(spec, path / spec.pickle_dir):
+        return "pickle", path / spec.pickle_dir
+    if _is_pickle_dir(spec, path):
+        return "pickle", path
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        return "images", path
+    return None
+
+
+def _download(spec: _Spec, path: Path, root_str: str) -> None:
+    try:
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if spec.num_classes == 10 else torchvision.datasets.CIFAR100
+        path.mkdir(parents=True, exist_ok=True)
+        cls(str(path), train=False, download=True)
+    except Exception as e:  # URLError, RuntimeError (md5), OSError, ...
+        raise DataError(
+            f"data.download=true but downloading {spec.pretty} to {root_str} failed "
+            f"({type(e).__name__}: {_one_line(e, 120)}); no network? Put the data under data.root "
+            f"(pickled or image-folder layout)"
+        ) from None
+
+
+# ---- pickled layout
+
+
+def _unpickle(blob: bytes, where: str) -> dict:
+    try:
+        obj = pickle.loads(blob, encoding="bytes")
+    except Exception as e:
+        raise DataError(f"data.root: cannot read pickle {where} ({_one_line(e, 100)})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"data.root: pickle {where} does not hold a dict as torchvision's CIFAR files do")
+    return obj
+
+
+def _pickle_split(spec: _Spec, blobs: Sequence[tuple[str, bytes]], num_classes: int) -> Split:
+    images, labels = [], []
+    for where, blob in blobs:
+        d = _unpickle(blob, where)
+        if b"data" not in d or spec.label_key not in d:
+            raise DataError(
+                f"data.root: pickle {where} lacks the keys b'data' and {spec.label_key!r}"
+            )
+        data = torch.as_tensor(np.asarray(d[b"data"]))
+        lab = torch.as_tensor(list(d[spec.label_key]), dtype=torch.int64)
+        if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE:
+            raise DataError(
+                f"data.root: pickle {where} has data of shape {tuple(data.shape)} {data.dtype}; "
+                f"expected uint8 [N, 3072]"
+            )
+        if lab.numel() != data.shape[0]:
+            raise DataError(f"data.root: pickle {where} has {data.shape[0]} images but {lab.numel()} labels")
+        if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
+            raise DataError(f"data.root: pickle {where} has labels outside 0..{num_classes - 1}")
+        images.append(data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE))
+        labels.append(lab)
+    split = Split(torch.cat(images).contiguous(), torch.cat(labels).contiguous())
+    if len(split) == 0:
+        raise DataError(f"data.root: {blobs[0][0]} holds no images (empty split)")
+    return split
+
+
+def _pickle_classes(spec: _Spec, blob: bytes, where: str) -> list[str]:
+    meta = _unpickle(blob, where)
+    if spec.names_key not in meta:
+        raise DataError(f"data.root: {where} lacks the key {spec.names_key!r}")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[spec.names_key]]
+
+
+def _read_pickled(spec: _Spec, read):
+    """``read(fname) -> (where, bytes)``."""
+    where, blob = read(spec.meta_file)
+    classes = _pickle_classes(spec, blob, where)
+    train = _pickle_split(spec, [read(f) for f in spec.train_files], len(classes))
+    test = _pickle_split(spec, [read(f) for f in spec.test_files], len(classes))
+    return train, test, classes
+
+
+def _read_pickled_dir(spec: _Spec, d: Path, root_str: str):
+    def read(fname):
+        p = d / fname
+        try:
+            return str(p), p.read_bytes()
+        except OSError as e:
+            raise DataError(f"data.root={root_str}: cannot read {p} ({_one_line(e, 100)})") from None
+
+    return _read_pickled(spec, read)
+
+
+# ---- image-folder layout
+
+
+def _decode_image(data: bytes, where: str) -> torch.Tensor:
+    """Decode one JPEG/PNG to uint8 [3, 32, 32] RGB; DataError naming ``where`` otherwise.
+
+    Uses torchvision.io (about 3x faster than PIL for tiny JPEGs; its deprecation warning is
+    silenced by the caller), falling back to PIL where torchvision.io has no decoder."""
+    try:
+        try:
+            from torchvision.io import ImageReadMode, decode_image
+        except ImportError:
+            decode_image = None
+        if decode_image is not None:
+            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        else:
+            import io
+
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as im:
+                img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except Exception as e:
+        raise DataError(f"data.root: cannot decode image {where} ({_one_line(e, 100)})") from None
+    if tuple(img.shape) != (3, IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(
+            f"data.root: image {where} is {img.shape[-1]}x{img.shape[-2]}; expected 32x32 RGB "
+            f"(CIFAR images)"
+        )
+    return img
+
+
+def _check_classes(tree: dict[str, dict[str, list]], root_str: str) -> list[str]:
+    for split in ("train", "test"):
+        if not tree.get(split):
+            raise DataError(
+                f"data.root={root_str}: {split}/ has no class folders with images (empty split); "
+                f"expected {split}/<class>/*.png|jpg"
+            )
+    tr, te = set(tree["train"]), set(tree["test"])
+    if tr != te:
+        only_tr, only_te = sorted(tr - te), sorted(te - tr)
+        raise DataError(
+            f"data.root={root_str}: class folders differ between train/ and test/ "
+            f"(only in train: {only_tr[:5]}, only in test: {only_te[:5]}); both need the same classes"
+        )
+    for split in ("train", "test"):
+        for cls, files in sorted(tree[split].items()):
+            if not files:
+                raise DataError(f"data.root={root_str}: {split}/{cls}/ has no .jpg/.jpeg/.png images")
+    return sorted(tr)
+
+
+def _decode_tree(tree, classes, get_bytes) -> tuple[Split, Split]:
+    with warnings.catch_warnings():
+        # torchvision 0.29 deprecates torchvision.io decoding (warns on every call)
+        warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities", category=DeprecationWarning)
+        return _decode_tree_inner(tree, classes, get_bytes)
+
+
+def _decode_tree_inner(tree, classes, get_bytes) -> tuple[Split, Split]:
+    out = []
+    for split in ("train", "test"):
+        items = [(ci, f) for ci, c in enumerate(classes) for f in tree[split][c]]
+        images = torch.empty((len(items), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
+        labels = torch.empty(len(items), dtype=torch.int64)
+        for i, (ci, f) in enumerate(items):
+            where, blob = get_bytes(f)
+            images[i] = _decode_image(blob, where)
+            labels[i] = ci
+        out.append(Split(images, labels))
+    return out[0], out[1]
+
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTS) and not name.startswith(".")
+
+
+def _scan_image_dir(d: Path) -> dict[str, dict[str, list[Path]]]:
+    tree: dict[str, dict[str, list[Path]]] = {}
+    for split in ("train", "test"):
+        tree[split] = {}
+        for cdir in sorted((d / split).iterdir()):
+            if cdir.is_dir() and not cdir.name.startswith(".") and cdir.name != "__MACOSX":
+                tree[split][cdir.name] = sorted(
+                    p for p in cdir.iterdir() if _is_image_name(p.name) and p.is_file()
+                )
+    return tree
+
+
+def _read_image_dir(spec: _Spec, d: Path, root_str: str):
+    tree = _scan_image_dir(d)
+    classes = _check_classes(tree, root_str)
+
+    def get(p: Path):
+        try:
+            return str(p), p.read_bytes()
+        except OSError as e:
+            raise DataError(f"data.root={root_str}: cannot read {p} ({_one_line(e, 100)})") from None
+
+    train, test = _decode_tree(tree, classes, get)
+    return train, test, classes
+
+
+# ---- archives
+
+
+def _read_archive(spec: _Spec, path: Path, root_str: str):
+    """Read the image-folder layout (under any one prefix) or the official pickles from a tar."""
+    images: dict[tuple[str, ...], dict[str, dict[str, list[str]]]] = {}
+    blobs: dict[str, bytes] = {}
+    pickled: dict[str, str] = {}  # basename -> member name
+    wanted = set(spec.train_files + spec.test_files + (spec.meta_file,))
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for m in tf:
+                parts = PurePosixPath(m.name).parts
+                parts = tuple(p for p in parts if p not in (".", ""))
+                if not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):
+                    continue
+                if m.isdir() and len(parts) >= 2 and parts[-2] in ("train", "test"):
+                    # register (possibly empty) class folders
+                    images.setdefault(parts[:-2], {}).setdefault(parts[-2], {}).setdefault(parts[-1], [])
+                    continue
+                if not m.isfile():
+                    continue
+                if len(parts) >= 3 and parts[-3] in ("train", "test") and _is_image_name(parts[-1]):
+                    f = tf.extractfile(m)
+                    blobs[m.name] = f.read() if f is not None else b""
+                    images.setdefault(parts[:-3], {}).setdefault(parts[-3], {}).setdefault(
+                        parts[-2], []
+                    ).append(m.name)
+                elif parts[-1] in wanted and (spec.num_classes == 10 or parts[-2:-1] == (spec.pickle_dir,)):
+                    f = tf.extractfile(m)
+                    blobs[m.name] = f.read() if f is not None else b""
+                    pickled[parts[-1]] = m.name
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"data.root={root_str}: cannot read the archive ({_one_line(e, 120)})") from None
+
+    candidates = {p: t for p, t in images.items() if any(t.get(s) for s in ("train", "test"))}
+    if candidates:
+        shortest = min(len(p) for p in candidates)
+        best = [p for p in candidates if len(p) == shortest]
+        if len(best) > 1:
+            raise DataError(
+                f"data.root={root_str}: the archive holds several image-folder trees "
+                f"({', '.join('/'.join(p) or '.' for p in sorted(best)[:4])}); expected exactly one "
+                f"train/ + test/ pair"
+            )
+        tree = candidates[best[0]]
+        tree = {s: {c: sorted(fs, key=lambda n: PurePosixPath(n).name) for c, fs in tree.get(s, {}).items()}
+                for s in ("train", "test")}
+        classes = _check_classes(tree, root_str)
+        train, test = _decode_tree(tree, classes, lambda n: (f"{root_str}:{n}", blobs[n]))
+        return train, test, classes
+    if wanted <= set(pickled):
+        def read(fname):
+            member = pickled[fname]
+            return f"{root_str}:{member}", blobs[member]
+
+        return _read_pickled(spec, read)
+    raise DataError(
+        f"data.root={root_str}: archive has no recognised {spec.pretty} layout; expected "
+        f"[<folder>/]train/<class>/*.png|jpg + test/<class>/* or {spec.pickle_dir}/ pickles inside"
+    )
+
+
+# ---- decoded-image cache
+
+
+def _source_fingerprint(name: str, source: Path) -> str:
+    h = hashlib.sha256()
+    h.update(f"v{_CACHE_FORMAT}|{name}|{source}".encode())
+    if source.is_file():
+        st = source.stat()
+        h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
+    else:
+        for split in ("train", "test"):
+            d = source / split
+            for cdir in sorted(d.iterdir()) if d.is_dir() else []:
+                if not cdir.is_dir():
+                    continue
+                for p in sorted(cdir.iterdir()):
+                    if _is_image_name(p.name):
+                        st = p.stat()
+                        h.update(f"|{split}/{cdir.name}/{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:24]
+
+
+def _cached(name: str, source: Path, cache_dir, build):
+    try:
+        key = _source_fingerprint(name, source)
+    except OSError:
+        return build()
+    cdir = Path(os.path.expanduser(str(cache_dir))) if cache_dir is not None else default_cache_dir()
+    cfile = cdir / f"{name}-{key}.pt"
+    if cfile.is_file():
+        try:
+            blob = torch.load(cfile, map_location="cpu", weights_only=True)
+            train = Split(blob["train_images"].contiguous(), blob["train_labels"].to(torch.int64))
+            test = Split(blob["test_images"].contiguous(), blob["test_labels"].to(torch.int64))
+            return train, test, [str(c) for c in blob["classes"]]
+        except Exception as e:
+            warnings.warn(f"ignoring unreadable data cache {cfile} ({_one_line(e, 100)}); rebuilding")
+    train, test, classes = build()
+    tmp = None
+    try:
+        cdir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cdir, prefix=f".{cfile.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(
+                {
+                    "format": _CACHE_FORMAT,
+                    "train_images": train.images,
+                    "train_labels": train.labels,
+                    "test_images": test.images,
+                    "test_labels": test.labels,
+                    "classes": list(classes),
+                },
+                f,
+            )
+        os.replace(tmp, cfile)
+        tmp = None
+    except OSError as e:
+        warnings.warn(f"could not write data cache {cfile} ({_one_line(e, 100)}); continuing without it")
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return train, test, classes
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic data
+
+
+def _mix_seed(*parts) -> int:
+    """Deterministic (Python-version independent) 63-bit seed from a tuple of ints/strings."""
+    digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _synthetic(train_size: int, test_size: int, seed: int, num_classes: int = 10) -> Dataset:
+    """Deterministic toy data: each class is a fixed smooth random colour pattern (a 4x4 colour
+    grid upsampled to 40x40).  A sample blends its class pattern with a random other class's
+    pattern (weight of the other < 0.5, so the class always dominates), takes a random 32x32
+    window (shift of up to +-4 px) with a random horizontal flip, and adds random contrast,
+    brightness and Gaussian pixel noise.  A small CNN reaches ~90% test accuracy within one epoch
+    of 5000 images; it is not trivially separable (nearest class mean: ~70%).  Train and test come
+    from separate random streams, so ``train_size`` does not change the test set."""
+    for key, val in (("data.train_size", train_size), ("data.test_size", test_size)):
+        if int(val) <= 0:
+            raise DataError(f"{key}={val} must be > 0 for data.name=synthetic (empty split)")
+    g = torch.Generator().manual_seed(_mix_seed("synthetic-templates", int(seed)))
+    grid = torch.rand((num_classes, 3, 4, 4), generator=g) * 0.8 + 0.1
+    side = IMAGE_SIZE + 2 * PAD
+    templates = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False).clamp(0, 1)
+
+    def make(n: int, stream: str) -> Split:
+        gs = torch.Generator().manual_seed(_mix_seed("synthetic", stream, int(seed)))
+        labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gs)]
+        other = (labels + torch.randint(1, num_classes, (n,), generator=gs)) % num_classes
+        weight = torch.rand((n, 1, 1, 1), generator=gs) * 0.5
+        dy = torch.randint(0, 2 * PAD + 1, (n,), generator=gs)
+        dx = torch.randint(0, 2 * PAD + 1, (n,), generator=gs)
+        flip = torch.randint(0, 2, (n,), generator=gs).bool()
+        contrast = 1 + (torch.rand((n, 1, 1, 1), generator=gs) * 2 - 1) * 0.4
+        brightness = (torch.rand((n, 1, 1, 1), generator=gs) * 2 - 1) * 0.2
+        base = (1 - weight) * templates[labels] + weight * templates[other]
+        x = crop_flip(base, dy, dx, flip, pad=0)
+        x = (x - 0.5) * contrast + 0.5 + brightness + torch.randn(x.shape, generator=gs) * 0.25
+        images = (x.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
+        return Split(images, labels.to(torch.int64).contiguous())
+
+    train = make(int(train_size), "train")
+    test = make(int(test_size), "test")
+    px = train.images.to(torch.float64).div(255).permute(1, 0, 2, 3).reshape(3, -1)
+    mean = tuple(float(v) for v in px.mean(1))
+    std = tuple(float(v) for v in px.std(1, unbiased=False))
+    return Dataset("synthetic", train, test, [f"class{i}" for i in range(num_classes)], mean, std)
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+
+
+def _as_stats(v, device) -> torch.Tensor:
+    return torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+
+
+def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [B,3,H,W] -> float32 ``(x/255 - mean) / std`` (mean/std shaped [1,3,1,1])."""
+    return x_uint8.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+
+
+def augmentation_params(seed: int, epoch: int, n: int, global_batch: int):
+    """The epoch's draws for the whole global batch, on the CPU.
+
+    Returns ``(index, dy, dx, flip)``, each shaped ``[steps, global_batch]`` with
+    ``steps = n // global_batch``: image indices (a permutation prefix), crop offsets in
+    ``0..2*PAD`` into the zero-padded 40x40 image, and horizontal-flip flags.  Drawn in this order
+    from ``torch.Generator().manual_seed(mix(seed, epoch))``.
+    """
+    steps = n // global_batch
+    g = torch.Generator().manual_seed(_mix_seed("epoch", int(seed), int(epoch)))
+    perm = torch.randperm(n, generator=g)[: steps * global_batch].view(steps, global_batch)
+    dy = torch.randint(0, 2 * PAD + 1, (steps, global_batch), generator=g)
+    dx = torch.randint(0, 2 * PAD + 1, (steps, global_batch), generator=g)
+    flip = torch.randint(0, 2, (steps, global_batch), generator=g).bool()
+    return perm, dy, dx, flip
+
+
+def crop_flip(
+    x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int = PAD,
+    size: int = IMAGE_SIZE,
+) -> torch.Tensor:
+    """Batched ``RandomCrop(size, padding=pad)`` (zero fill) + optional horizontal flip.
+
+    Row i of the result is ``flip_i ? hflip(P_i[:, dy_i:dy_i+size, dx_i:dx_i+size]) : P_i[...]``
+    where ``P_i`` is ``x[i]`` zero-padded by ``pad`` on every side.  Works on any dtype/device;
+    dy/dx/flip must be on ``x``'s device.
+    """
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad))
+    b, c = x.shape[:2]
+    ar = torch.arange(size, device=x.device)
+    rows = dy.view(b, 1) + ar  # [b, size]
+    cols = dx.view(b, 1) + torch.where(flip.view(b, 1), ar.flip(0), ar)  # reversed = flipped
+    bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return x[bi, ci, rows.view(b, 1, size, 1), cols.view(b, 1, 1, size)]
+
+
+class GlobalBatches:
+    """Training batches served from memory on `device` with batched augmentation (no DataLoader).
+    The epoch's order and augmentation are drawn for the GLOBAL batch from a generator seeded
+    by (seed, epoch), so any split of the global batch into devices sees the same images.
+
+    ``epoch(e, start, stop)`` yields, per step, float32 normalised images ``[stop-start,3,32,32]``
+    and int64 labels of rows ``[start:stop)`` of each global batch (DDP rank r of W: rows
+    ``[r*g//W, (r+1)*g//W)``).  ``augment=False`` keeps the shuffle but skips crop/flip.
+    """
+
+    def __init__(self, split: Split, global_batch: int, mean, std, device, augment: bool = True,
+                 seed: int = 0):
+        n = len(split)
+        if not 1 <= int(global_batch) <= n:
+            raise DataError(
+                f"global batch size {global_batch} must be between 1 and the number of training "
+                f"images ({n})"
+            )
+        self.device = torch.device(device)
+        self.images = split.images.to(self.device).contiguous()  # uploaded once
+        self.labels = split.labels.to(self.device, torch.int64)
+        self.n = n
+        self.global_batch = int(global_batch)
+        self.mean = _as_stats(mean, self.device)
+        self.std = _as_stats(std, self.device)
+        self.augment = bool(augment)
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return self.n // self.global_batch
+
+    def epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        stop = self.global_batch if stop is None else int(stop)
+        start = int(start)
+        if not 0 <= start < stop <= self.global_batch:
+            raise ValueError(f"need 0 <= start < stop <= global_batch={self.global_batch}, got [{start}:{stop})")
+        return self._iter(epoch, start, stop)
+
+    def _iter(self, epoch, start, stop):
+        perm, dy, dx, flip = augmentation_params(self.seed, epoch, self.n, self.global_batch)
+        dev = self.device
+        perm = perm[:, start:stop].to(dev, non_blocking=True)
+        dy = dy[:, start:stop].to(dev, non_blocking=True)
+        dx = dx[:, start:stop].to(dev, non_blocking=True)
+        flip = flip[:, start:stop].to(dev, non_blocking=True)
+        for s in range(perm.shape[0]):
+            idx = perm[s]
+            x = self.images[idx]
+            if self.augment:
+                x = crop_flip(x, dy[s], dx[s], flip[s])
+            yield normalize(x, self.mean, self.std), self.labels[idx]
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Contiguous shard ``[lo, hi)`` of ``n`` items for ``rank`` of ``world_size``: the first
+    ``n % W`` ranks get one item more, so shards differ by at most one, later ranks may be shorter
+    (n=10, W=3 -> 4, 3, 3) and together they cover every index exactly once (no padding, no
+    duplicates)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    q, rem = divmod(n, world_size)
+    lo = rank * q + min(rank, rem)
+    return lo, lo + q + (1 if rank < rem else 0)
+
+
+def eval_batches(split: Split, batch_size: int, mean, std, device, rank: int = 0,
+                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's contiguous shard of ``split`` exactly once, in order, no augmentation; the last
+    batch may be short and a rank's shard may be empty when ``world_size > len(split)``
+    (reduce metrics as sums over ranks, not means of means)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    lo, hi = shard_bounds(len(split), rank, world_size)
+    return _eval_iter(split, batch_size, mean, std, torch.device(device), lo, hi)
+
+
+def _eval_iter(split, batch_size, mean, std, device, lo, hi):
+    if hi <= lo:
+        return
+    m, s = _as_stats(mean, device), _as_stats(std, device)
+    images = split.images[lo:hi].to(device)
+    labels = split.labels[lo:hi].to(device, torch.int64)
+    for i in range(0, hi - lo, batch_size):
+        yield normalize(images[i : i + batch_size], m, s), labels[i : i + batch_size]

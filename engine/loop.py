@@ -1,0 +1,327 @@
+"""The training run: one story from config to run record.
+
+    setup -> (resume) -> for each epoch: train steps, evaluate, checkpoint, record -> summary
+
+The global batch of every optimizer step is laid out as
+[process r][accumulation step a][virtual device k][b images]: process r takes its contiguous
+rows, each accumulation step its contiguous chunk, and the model's batch-dependent norms split
+each chunk into k device-slices. So device d always gets the d-th slice of the global batch,
+whichever way the devices are realised.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from models import build_model
+from norms import check_statistics, configure_devices
+
+from . import checkpoint
+from .config import ConfigError, global_batch, norm_label, norm_options
+from .data import GlobalBatches, eval_batches, load_dataset
+from .records import RunRecord
+from .tracking import Tracker
+
+log = logging.getLogger("microbatch")
+
+# Keys that do not change a run's mathematics: free to differ when resuming.
+NON_IDENTITY = ("logger", "trainer.progress", "trainer.num_threads", "trainer.resume",
+                "trainer.check_every", "data.root", "data.cache_dir", "data.download",
+                "data.eval_batch_size")
+
+
+@dataclass
+class Process:
+    """Where this process sits among the real devices (issue: DDP sets rank/world/group)."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    group: object | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def identity(cfg: DictConfig) -> dict:
+    """The run's identity: every config key that changes its mathematics, flattened."""
+    flat = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if any(key == n or key.startswith(n + ".") for n in NON_IDENTITY):
+                continue
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            else:
+                flat[key] = v
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def describe(cfg: DictConfig, overrides: list[str]) -> dict:
+    """The identity fields every run record and tracker carries (the report tool's columns)."""
+    t = cfg.trainer
+    return {"model": cfg.model.arch, "depth": cfg.model.depth, "norm": cfg.norm.name,
+            "ws": cfg.norm.ws, "norm_label": norm_label(cfg),
+            "batch_size_per_device": cfg.batch_size_per_device, "devices": t.devices,
+            "virtual_devices": t.virtual_devices, "accumulate": t.accumulate,
+            "global_batch": global_batch(cfg), "epochs": t.epochs, "seed": cfg.seed,
+            "data": cfg.data.name, "name": cfg.name, "overrides": list(overrides)}
+
+
+class WarmupCosine:
+    """lr factor per optimizer step: linear warm-up from 1/warmup, then cosine to 0."""
+
+    def __init__(self, warmup_steps: int, total_steps: int):
+        self.warmup, self.total = warmup_steps, total_steps
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuples(state["python"]))
+    np.random.seed(0)
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- steps
+
+
+def train_epoch(model, optimizer, scheduler, batches: GlobalBatches, epoch: int, proc: Process,
+                accumulate: int, check_every: int, bar: tqdm | None):
+    """One epoch of optimizer steps; returns (loss sum, correct, images) tensors of this process.
+
+    Losses are summed on the device and read back every `check_every` steps only.
+    """
+    g = batches.global_batch
+    rows = g // proc.world_size
+    start = proc.rank * rows
+    loss_sum = torch.zeros((), device=proc.device, dtype=torch.float64)
+    correct = torch.zeros((), device=proc.device, dtype=torch.long)
+    seen = 0
+    for step, (x, y) in enumerate(batches.epoch(epoch, start, start + rows), 1):
+        optimizer.zero_grad(set_to_none=True)
+        for xs, ys in zip(x.chunk(accumulate), y.chunk(accumulate)):
+            out = model(xs)
+            loss = F.cross_entropy(out, ys)
+            (loss / accumulate).backward()
+            loss_sum += loss.detach() * len(ys)
+            correct += (out.argmax(1) == ys).sum()
+        optimizer.step()
+        scheduler.step()
+        seen += len(y)
+        if step % check_every == 0 and not torch.isfinite(loss_sum):
+            break
+        if bar is not None:
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
+                                acc=f"{100 * correct.item() / seen:.1f}")
+    return loss_sum, correct, torch.tensor(seen, device=proc.device)
+
+
+@torch.no_grad()
+def evaluate(model, split, mean, std, batch_size: int, proc: Process):
+    """Loss and accuracy over the whole test set, each image exactly once across processes."""
+    model.eval()
+    sums = torch.zeros(3, device=proc.device, dtype=torch.float64)
+    for x, y in eval_batches(split, batch_size, mean, std, proc.device, proc.rank,
+                             proc.world_size):
+        out = model(x)
+        sums[0] += F.cross_entropy(out, y, reduction="sum")
+        sums[1] += (out.argmax(1) == y).sum()
+        sums[2] += len(y)
+    model.train()
+    reduce_sum(sums, proc)
+    loss, correct, n = sums.tolist()
+    return loss / n, 100.0 * correct / n
+
+
+def reduce_sum(t: torch.Tensor, proc: Process) -> torch.Tensor:
+    if proc.world_size > 1:
+        dist.all_reduce(t, group=proc.group)
+    return t
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
+        proc: Process | None = None) -> dict:
+    """Train (or resume, or skip a finished run) and return the summary."""
+    proc = proc or Process(device=pick_device(cfg.trainer.device))
+    t = cfg.trainer
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    record = RunRecord(run_dir)
+    ident = identity(cfg)
+    info = describe(cfg, overrides)
+
+    done = record.read_summary()
+    if done and done.get("status") in ("completed", "diverged") and t.resume:
+        if done.get("identity") == ident:
+            log.info("%s: already %s (test_acc %.2f); nothing to do", run_dir, done["status"],
+                     done.get("test_acc") or float("nan"))
+            return done
+        raise checkpoint.CheckpointError(
+            f"{record.dir / 'summary.json'} records a finished run with another config; "
+            "use another hydra.run.dir")
+
+    state = None
+    if t.resume and record.checkpoint.exists():
+        state = checkpoint.load(record.checkpoint)
+        checkpoint.check_compatible(record.checkpoint, state["identity"], ident)
+
+    data = load_dataset(cfg.data.name, cfg.data.root, download=cfg.data.download,
+                        train_subset=cfg.data.train_subset, train_size=cfg.data.train_size,
+                        test_size=cfg.data.test_size, seed=cfg.seed, cache_dir=cfg.data.cache_dir)
+    g = global_batch(cfg)
+    if g > len(data.train):
+        raise ConfigError(f"global batch {g} (batch_size_per_device x devices x virtual_devices "
+                          f"x accumulate) exceeds the {len(data.train)} training images; "
+                          "lower it or use more data (data.train_subset)")
+    batches = GlobalBatches(data.train, g, data.mean, data.std, proc.device,
+                            augment=cfg.data.augment, seed=cfg.seed)
+    steps = len(batches)
+
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model.arch, cfg.model.depth, norm=cfg.norm.name, ws=cfg.norm.ws,
+                        num_classes=len(data.classes),
+                        zero_init_residual=cfg.model.zero_init_residual, **norm_options(cfg))
+    model.to(proc.device)
+    configure_devices(model, t.virtual_devices, proc.group)
+    try:
+        check_statistics(model, (cfg.batch_size_per_device, 3, 32, 32))
+    except ValueError as e:
+        raise ConfigError(f"norm.name={cfg.norm.name!r} at batch_size_per_device="
+                          f"{cfg.batch_size_per_device}: {e}") from None
+
+    lr = cfg.optim.lr * (g / 128 if cfg.optim.scale_lr else 1.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.optim.momentum,
+                                nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0,
+                                weight_decay=cfg.optim.weight_decay)
+    schedule = WarmupCosine(round(cfg.optim.warmup_epochs * steps), t.epochs * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    history, first_epoch, elapsed0 = [], 0, 0.0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        history, first_epoch, elapsed0 = state["history"], state["epoch"], state["elapsed_s"]
+        log.info("resuming %s from epoch %d", record.checkpoint, first_epoch)
+
+    config_dict = OmegaConf.to_container(cfg, resolve=True)
+    if proc.is_main:
+        record.write_config(config_dict)
+    tracker = Tracker(cfg.logger, record.dir, {**info, **ident}, cfg.logger.group or cfg.name,
+                      proc.is_main)
+    log.info("%s%d %s | b=%d x %d device(s) x %d virtual x %d accumulate = %d | lr %.4g | "
+             "%d steps/epoch | %s", cfg.model.arch, cfg.model.depth, norm_label(cfg),
+             cfg.batch_size_per_device, t.devices, t.virtual_devices, t.accumulate, g, lr, steps,
+             proc.device)
+
+    status, started = "completed", time.perf_counter() - elapsed0
+    try:
+        for epoch in range(first_epoch, t.epochs):
+            show = proc.is_main and t.progress and sys.stderr.isatty()
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
+                       disable=not show, dynamic_ncols=True) if show else None
+            tic = time.perf_counter()
+            sums = train_epoch(model, optimizer, scheduler, batches, epoch, proc, t.accumulate,
+                               t.check_every, bar)
+            train_time = time.perf_counter() - tic
+            if bar is not None:
+                bar.close()
+            loss_sum, correct, seen = (reduce_sum(s.double(), proc) for s in sums)
+            train_loss = (loss_sum / seen).item()
+            if not math.isfinite(train_loss):
+                status = "diverged"
+                log.warning("epoch %d: non-finite training loss; stopping (status diverged)",
+                            epoch + 1)
+                break
+            test_loss, test_acc = evaluate(model, data.test, data.mean, data.std,
+                                           cfg.data.eval_batch_size, proc)
+            metrics = {"epoch": epoch + 1, "train_loss": train_loss,
+                       "train_acc": 100.0 * (correct / seen).item(), "test_loss": test_loss,
+                       "test_acc": test_acc, "lr": scheduler.get_last_lr()[0],
+                       "images_per_sec": seen.item() / train_time,
+                       "elapsed_s": time.perf_counter() - started}
+            history.append(metrics)
+            if proc.is_main:
+                checkpoint.save(record.checkpoint, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": rng_state(),
+                    "epoch": epoch + 1, "history": history, "elapsed_s": metrics["elapsed_s"],
+                    "identity": ident})
+                record.write_metrics(history)
+            tracker.log({**metrics, "images_seen": (epoch + 1) * steps * g})
+            log.info("epoch %d/%d  train loss %.4f acc %.2f | test loss %.4f acc %.2f | "
+                     "%.0f img/s", epoch + 1, t.epochs, train_loss, metrics["train_acc"],
+                     test_loss, test_acc, metrics["images_per_sec"])
+        summary = make_summary(status, history, time.perf_counter() - started, info, ident)
+        if proc.is_main:
+            record.write_summary(summary)
+        tracker.finish({k: v for k, v in summary.items() if k != "identity"})
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    return summary
+
+
+def make_summary(status: str, history: list[dict], wall_time: float, info: dict,
+                 ident: dict) -> dict:
+    last = history[-1] if history else {}
+    return {"status": status, "test_acc": last.get("test_acc"),
+            "best_test_acc": max((m["test_acc"] for m in history), default=None),
+            "test_loss": last.get("test_loss"), "train_loss": last.get("train_loss"),
+            "epochs_completed": len(history),
+            "images_per_sec": (sum(m["images_per_sec"] for m in history) / len(history)
+                               if history else None),
+            "wall_time_s": wall_time, **info, "identity": ident}

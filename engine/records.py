@@ -1,0 +1,44 @@
+"""The local run record: config.yaml, metrics.jsonl, summary.json in the run directory.
+
+Needs no service; the report tool and resumed sweeps read it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunRecord:
+    def __init__(self, run_dir: str | os.PathLike):
+        self.dir = Path(run_dir)
+        self.checkpoint = self.dir / "checkpoints" / "last.pt"
+
+    def write_config(self, config: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+    def write_metrics(self, history: list[dict]) -> None:
+        """The whole history each epoch, so the file always matches the checkpoint."""
+        _write_atomic(self.dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+
+    def write_summary(self, summary: dict) -> None:
+        _write_atomic(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+
+    def read_summary(self) -> dict | None:
+        path = self.dir / "summary.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def read_metrics(self) -> list[dict]:
+        path = self.dir / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,41 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from engine.config import register
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+register()
+
+
+def make_cfg(*overrides: str):
+    """Compose configs/ with Hydra's compose API, as train.py would."""
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+# Small and fast: a learnable generated data set, ResNet-8, one CPU thread.
+TINY = ("data=synthetic", "data.train_size=256", "data.test_size=64", "model.depth=8",
+        "batch_size_per_device=32", "trainer.epochs=2", "logger.mode=disabled",
+        "trainer.num_threads=1", "trainer.device=cpu")
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """python train.py ARGS in `cwd` (outputs land there), one thread, captured output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0", "WANDB_MODE": ""}
+    env.pop("WANDB_MODE")
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+@pytest.fixture
+def shared_tar():
+    if not SHARED_TAR.exists():
+        pytest.skip(f"real CIFAR-10 not found at {SHARED_TAR}")
+    return SHARED_TAR

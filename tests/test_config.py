@@ -1,0 +1,81 @@
+"""Config composition (Hydra compose API) and validation: every bad input is one clear line."""
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import OmegaConfBaseException
+
+from engine.config import ConfigError, global_batch, norm_options, validate
+
+from conftest import make_cfg
+
+
+def test_default_config_composes_and_validates():
+    cfg = make_cfg("data.root=/nonexistent")  # data is not touched by validate
+    assert (cfg.model.arch, cfg.model.depth, cfg.norm.name, cfg.norm.ws) == ("resnet", 20, "bn",
+                                                                            False)
+    assert cfg.batch_size_per_device == 128 and global_batch(cfg) == 128
+    validate(cfg)
+
+
+@pytest.mark.parametrize("preset,name,ws,groups", [
+    ("bn", "bn", False, None), ("bn_ws", "bn", True, None), ("gn", "gn", False, 8),
+    ("gn_ws", "gn", True, 8), ("bcn_ws", "bcn", True, 8), ("ln", "ln", False, None),
+    ("in_ws", "in", True, None), ("syncbn", "syncbn", False, None), ("none", "none", False, None),
+])
+def test_norm_presets(preset, name, ws, groups):
+    cfg = make_cfg(f"norm={preset}")
+    assert (cfg.norm.name, cfg.norm.ws, cfg.norm.groups) == (name, ws, groups)
+    validate(cfg)
+
+
+def test_contract_keys_override():
+    cfg = make_cfg("model=vgg", "model.depth=11", "norm=gn", "norm.ws=true", "norm.groups=16",
+                   "batch_size_per_device=2", "seed=3", "data.root=/x", "data.download=false",
+                   "data.train_subset=1000", "trainer.epochs=4", "trainer.devices=2",
+                   "trainer.virtual_devices=4", "trainer.accumulate=2", "optim.lr=0.05",
+                   "logger.mode=disabled")
+    assert global_batch(cfg) == 2 * 2 * 4 * 2
+    assert norm_options(cfg) == {"eps": 1e-5, "momentum": 0.1, "groups": 16}
+    assert cfg.data.train_subset == 1000 and cfg.trainer.epochs == 4
+
+
+def test_synthetic_and_experiment_presets():
+    cfg = make_cfg("experiment=smoke")
+    assert cfg.data.name == "synthetic" and cfg.name == "smoke"
+    validate(cfg)
+
+
+@pytest.mark.parametrize("override", ["batch_size_per_device=abc", "trainer.epoch=3",
+                                      "norm.group=4", "model.depth=1.5", "norm=batchnorm",
+                                      "norm.ws=maybe"])
+def test_typed_schema_rejects_at_composition(override):
+    with pytest.raises((OmegaConfBaseException, ConfigCompositionException)):
+        make_cfg(override)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["batch_size_per_device=0"], r"batch_size_per_device=0 is invalid; allowed: an integer >= 1"),
+    (["trainer.epochs=0"], r"trainer.epochs=0 is invalid; allowed: an integer >= 1"),
+    (["trainer.virtual_devices=-2"], r"trainer.virtual_devices=-2"),
+    (["optim.lr=-0.1"], r"optim.lr=-0.1 is invalid; allowed: a number >= 0"),
+    (["optim.momentum=1.5"], r"optim.momentum=1.5"),
+    (["optim.warmup_epochs=50"], r"optim.warmup_epochs=50.0 is invalid; allowed: a number in "
+                                 r"\[0, trainer.epochs=30\]"),
+    (["model.depth=21"], r"model.depth=21 is not a valid resnet depth; allowed: 6n\+2"),
+    (["model=vgg", "model.depth=20"], r"model.depth=20 is not a valid vgg depth"),
+    (["model.arch=densenet"], r"model='densenet' is unknown; allowed: vgg, resnet"),
+    (["norm.name=foo"], r"norm.name='foo' is unknown; allowed: bn, syncbn"),
+    (["norm=gn", "norm.groups=32"], r"resnet20 layer stem.1: gn: norm.groups=32 does not divide "
+                                    r"num_channels=16; allowed: \[1, 2, 4, 8, 16\]"),
+    (["norm=bcn", "norm.groups=3"], r"norm.groups=3 does not divide"),
+    (["norm.eps=0"], r"norm.eps=0.0 must be a number > 0"),
+    (["data.name=mnist"], r"data.name='mnist' is invalid; allowed: cifar10, cifar100, synthetic"),
+    (["data.root=null", "data.download=false"], r"data.root=None: set data.root"),
+    (["data.train_subset=-1"], r"data.train_subset=-1"),
+    (["logger.mode=loud"], r"logger.mode='loud' is invalid; allowed: auto, online, offline"),
+    (["trainer.device=tpu"], r"trainer.device='tpu' is invalid; allowed: auto, cpu, cuda"),
+])
+def test_validation_names_key_value_and_allowed(overrides, match):
+    cfg = make_cfg("data.root=/x", *overrides)
+    with pytest.raises(ConfigError, match=match) as err:
+        validate(cfg)
+    assert "\n" not in str(err.value)

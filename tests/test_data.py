@@ -1,0 +1,660 @@
+"""Tests for engine/data.py: loaders (pickled, image folder, archives), cache, errors, synthetic
+data, batched augmentation and evaluation sharding.  All data is generated in tmp_path except the
+`realdata` test, which reads ../shared/data/cifar10-jpg.tar.gz when present."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tarfile
+import time
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+from engine import data as D
+from engine.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    DataError,
+    GlobalBatches,
+    Split,
+    augmentation_params,
+    eval_batches,
+    load_dataset,
+    shard_bounds,
+)
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+REAL_TAR = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpg.tar.gz"
+
+
+# ------------------------------------------------------------------------------------------
+# helpers / fixtures
+
+
+def rand_images(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, 32, 32), generator=g, dtype=torch.uint8)
+
+
+def write_pickle(path: Path, obj) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+@pytest.fixture
+def cifar10_pickled(tmp_path):
+    """tmp/cifar-10-batches-py with 5 train batches of 4 images and a test batch of 6."""
+    d = tmp_path / "c10" / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    train = rand_images(20, 1)
+    train_labels = [(i * 7) % 10 for i in range(20)]
+    for b in range(5):
+        sl = slice(4 * b, 4 * b + 4)
+        write_pickle(
+            d / f"data_batch_{b + 1}",
+            {b"batch_label": b"x", b"data": train[sl].reshape(4, -1).numpy(), b"labels": train_labels[sl]},
+        )
+    test = rand_images(6, 2)
+    test_labels = [9, 0, 3, 3, 5, 1]
+    write_pickle(d / "test_batch", {b"data": test.reshape(6, -1).numpy(), b"labels": test_labels})
+    write_pickle(d / "batches.meta", {b"label_names": [c.encode() for c in CIFAR10_CLASSES]})
+    return d, train, torch.tensor(train_labels), test, torch.tensor(test_labels)
+
+
+@pytest.fixture
+def cifar100_pickled(tmp_path):
+    d = tmp_path / "c100" / "cifar-100-python"
+    d.mkdir(parents=True)
+    train, test = rand_images(12, 3), rand_images(5, 4)
+    trl, tel = [0, 99, 50, 3, 3, 7, 10, 20, 30, 40, 98, 1], [99, 0, 1, 2, 3]
+    write_pickle(d / "train", {b"data": train.reshape(12, -1).numpy(), b"fine_labels": trl, b"coarse_labels": [0] * 12})
+    write_pickle(d / "test", {b"data": test.reshape(5, -1).numpy(), b"fine_labels": tel, b"coarse_labels": [0] * 5})
+    names = [f"c{i:03d}".encode() for i in range(100)]
+    write_pickle(d / "meta", {b"fine_label_names": names, b"coarse_label_names": [b"x"] * 20})
+    return d, train, torch.tensor(trl), test, torch.tensor(tel), [n.decode() for n in names]
+
+
+def save_png(path: Path, img: torch.Tensor) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
+
+
+def make_image_folder(root: Path, n_train: int = 3, n_test: int = 2, classes=CIFAR10_CLASSES):
+    """train/<class>/NNNN.png (+ test/); classes are written in reverse order on purpose.
+    Returns expected (train_images, train_labels, test_images, test_labels) in the loader's
+    order: sorted classes, sorted file names."""
+    expected = {}
+    for split, n, seed in (("train", n_train, 10), ("test", n_test, 20)):
+        imgs, labels = [], []
+        for ci, cls in enumerate(sorted(classes)):
+            x = rand_images(n, seed + ci)
+            for j in range(n):
+                imgs.append(x[j])
+                labels.append(ci)
+        for ci, cls in reversed(list(enumerate(sorted(classes)))):
+            for j in reversed(range(n)):
+                save_png(root / split / cls / f"{j:04d}.png", imgs[ci * n + j])
+        expected[split] = (torch.stack(imgs), torch.tensor(labels))
+    (root / "train" / "README.txt").write_text("not an image")  # ignored
+    (root / "train" / sorted(classes)[0] / ".DS_Store").write_bytes(b"junk")  # ignored
+    return expected["train"][0], expected["train"][1], expected["test"][0], expected["test"][1]
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    root = tmp_path / "imgs"
+    return (root, *make_image_folder(root))
+
+
+def make_tar(src: Path, dest: Path, arcname: str) -> Path:
+    mode = "w:gz" if dest.name.endswith(("gz", ".tgz")) else "w"
+    with tarfile.open(dest, mode) as tf:
+        tf.add(src, arcname=arcname)
+    return dest
+
+
+def assert_split(split: Split, images: torch.Tensor, labels: torch.Tensor) -> None:
+    assert split.images.dtype == torch.uint8 and split.labels.dtype == torch.int64
+    assert split.images.is_contiguous()
+    assert tuple(split.images.shape) == (len(labels), 3, 32, 32)
+    assert torch.equal(split.images, images)
+    assert torch.equal(split.labels, labels)
+
+
+# ------------------------------------------------------------------------------------------
+# loaders
+
+
+@pytest.mark.parametrize("use_folder_itself", [False, True])
+def test_pickled_cifar10_roundtrip(cifar10_pickled, tmp_path, use_folder_itself):
+    d, train, trl, test, tel = cifar10_pickled
+    root = d if use_folder_itself else d.parent
+    ds = load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    assert ds.name == "cifar10" and ds.classes == CIFAR10_CLASSES
+    assert ds.mean == CIFAR10_MEAN and ds.std == CIFAR10_STD
+    assert_split(ds.train, train, trl)
+    assert_split(ds.test, test, tel)
+
+
+def test_pickled_cifar100_roundtrip(cifar100_pickled, tmp_path):
+    d, train, trl, test, tel, names = cifar100_pickled
+    ds = load_dataset("cifar100", str(d.parent), cache_dir=str(tmp_path / "cache"))
+    assert ds.classes == names and ds.mean == CIFAR100_MEAN
+    assert_split(ds.train, train, trl)
+    assert_split(ds.test, test, tel)
+
+
+def test_image_folder_roundtrip_and_class_order(image_folder, tmp_path):
+    root, tr, trl, te, tel = image_folder
+    ds = load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    assert ds.classes == sorted(CIFAR10_CLASSES)
+    assert_split(ds.train, tr, trl)
+    assert_split(ds.test, te, tel)
+    # class index follows sorted folder names: the first train image of "truck" has label 9
+    assert int(ds.train.labels[-1]) == ds.classes.index("truck")
+
+
+@pytest.mark.parametrize(
+    "fname,arcname", [("data.tar.gz", "cifar10-png"), ("data.tgz", "."), ("data.tar", "top")]
+)
+def test_archive_roundtrip(image_folder, tmp_path, fname, arcname):
+    root, tr, trl, te, tel = image_folder
+    tar = make_tar(root, tmp_path / fname, arcname)
+    ds = load_dataset("cifar10", str(tar), cache_dir=str(tmp_path / "cache"))
+    assert ds.classes == sorted(CIFAR10_CLASSES)
+    assert_split(ds.train, tr, trl)
+    assert_split(ds.test, te, tel)
+
+
+def test_archive_with_official_pickles(cifar10_pickled, tmp_path):
+    d, train, trl, test, tel = cifar10_pickled
+    tar = make_tar(d, tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py")
+    ds = load_dataset("cifar10", str(tar), cache_dir=str(tmp_path / "cache"))
+    assert ds.classes == CIFAR10_CLASSES
+    assert_split(ds.train, train, trl)
+    assert_split(ds.test, test, tel)
+
+
+def test_pil_fallback_decoder(image_folder, tmp_path, monkeypatch):
+    import torchvision.io
+
+    monkeypatch.delattr(torchvision.io, "decode_image")  # as if torchvision dropped its decoders
+    root, tr, trl, te, tel = image_folder
+    ds = load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    assert_split(ds.train, tr, trl)
+    assert_split(ds.test, te, tel)
+
+
+def test_jpeg_folder_decodes_close(tmp_path):
+    root = tmp_path / "jpg"
+    for split in ("train", "test"):
+        for ci, cls in enumerate(CIFAR10_CLASSES):
+            img = torch.full((3, 32, 32), 20 * ci + 10, dtype=torch.uint8)
+            img[0] = 200
+            path = root / split / cls / "0000.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(path, quality=95)
+    ds = load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    assert ds.train.images.shape == (10, 3, 32, 32)
+    expected = torch.tensor([20 * ci + 10 for ci in range(10)], dtype=torch.float32)
+    got = ds.train.images[:, 1].float().mean((1, 2))
+    assert torch.allclose(got, expected, atol=3)
+
+
+# ------------------------------------------------------------------------------------------
+# train_subset
+
+
+def test_train_subset_deterministic_and_covers_classes(cifar10_pickled, tmp_path):
+    d, train, trl, _, _ = cifar10_pickled
+    full = load_dataset("cifar10", str(d), cache_dir=str(tmp_path / "cache"))
+    a = load_dataset("cifar10", str(d), train_subset=10, seed=1)
+    b = load_dataset("cifar10", str(d), train_subset=10, seed=99)  # seed-independent
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.train.labels, b.train.labels)
+    assert sorted(a.train.labels.tolist()) == list(range(10))  # every class exactly once
+    # kept images are original rows, in data-set order
+    idx = D.subset_indices(full.train.labels, 10, 10)
+    assert torch.equal(idx, torch.sort(idx).values)
+    assert torch.equal(a.train.images, full.train.images[idx])
+    # nested: the first N are also in the first N+1; test split untouched
+    for n in range(1, 20):
+        small = set(D.subset_indices(full.train.labels, n, 10).tolist())
+        big = set(D.subset_indices(full.train.labels, n + 1, 10).tolist())
+        assert len(small) == n and small < big
+    assert torch.equal(a.test.images, full.test.images)
+    assert len(load_dataset("cifar10", str(d), train_subset=20).train) == 20
+
+
+def test_train_subset_balanced_on_image_folder(image_folder):
+    root = image_folder[0]
+    ds = load_dataset("cifar10", str(root), train_subset=25, cache_dir=str(root.parent / "cache"))
+    counts = torch.bincount(ds.train.labels, minlength=10)
+    assert counts.sum() == 25 and counts.min() >= 2 and counts.max() <= 3
+
+
+def test_train_subset_too_large(cifar10_pickled):
+    d = cifar10_pickled[0]
+    with pytest.raises(DataError, match="data.train_subset=21"):
+        load_dataset("cifar10", str(d), train_subset=21)
+
+
+# ------------------------------------------------------------------------------------------
+# cache
+
+
+def _forbid_decoding(monkeypatch):
+    def boom(data, where):
+        raise AssertionError(f"decoded {where} although cached")
+
+    monkeypatch.setattr(D, "_decode_image", boom)
+
+
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_cache_hit_skips_decoding(image_folder, tmp_path, monkeypatch, as_archive):
+    root, tr, trl, te, tel = image_folder
+    src = make_tar(root, tmp_path / "x.tar.gz", "top") if as_archive else root
+    cache = tmp_path / "cache"
+    first = load_dataset("cifar10", str(src), cache_dir=str(cache))
+    files = os.listdir(cache)
+    assert len(files) == 1 and files[0].endswith(".pt")  # no temp file left behind
+    _forbid_decoding(monkeypatch)
+    second = load_dataset("cifar10", str(src), cache_dir=str(cache))
+    assert second.classes == first.classes
+    assert_split(second.train, tr, trl)
+    assert_split(second.test, te, tel)
+    # a changed source invalidates the entry
+    target = src if as_archive else root / "train" / "cat" / "0000.png"
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(AssertionError, match="although cached"):
+        load_dataset("cifar10", str(src), cache_dir=str(cache))
+
+
+def test_default_cache_dir_uses_xdg(image_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert D.default_cache_dir() == tmp_path / "xdg" / "microbatch"
+    load_dataset("cifar10", str(image_folder[0]))
+    assert len(list((tmp_path / "xdg" / "microbatch").glob("cifar10-*.pt"))) == 1
+
+
+def test_corrupt_cache_is_rebuilt(image_folder, tmp_path):
+    root, tr, trl, _, _ = image_folder
+    cache = tmp_path / "cache"
+    load_dataset("cifar10", str(root), cache_dir=str(cache))
+    (entry,) = cache.iterdir()
+    entry.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="unreadable data cache"):
+        ds = load_dataset("cifar10", str(root), cache_dir=str(cache))
+    assert_split(ds.train, tr, trl)
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+
+
+def _one_line_error(excinfo, *needles):
+    msg = str(excinfo.value)
+    assert "\n" not in msg
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_error_root_missing(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(tmp_path / "nope"))
+    _one_line_error(e, "data.root=", "does not exist", "data.download=true")
+
+
+def test_error_root_unset():
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar100", None)
+    _one_line_error(e, "data.root")
+
+
+def test_error_no_layout(tmp_path):
+    (tmp_path / "stuff").mkdir()
+    (tmp_path / "stuff" / "notes.txt").write_text("hi")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(tmp_path / "stuff"))
+    _one_line_error(e, "data.root=", "no recognised CIFAR-10 layout", "notes.txt", "cifar-10-batches-py")
+
+
+def test_error_incomplete_pickles(cifar10_pickled):
+    d = cifar10_pickled[0]
+    (d / "data_batch_3").unlink()
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(d.parent))
+    _one_line_error(e, "data.root=", "incomplete", "data_batch_3")
+
+
+def test_error_not_an_archive(tmp_path):
+    f = tmp_path / "data.zip"
+    f.write_bytes(b"PK")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(f))
+    _one_line_error(e, "data.root=", ".tar.gz")
+
+
+def test_error_archive_without_layout(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("x")
+    tar = make_tar(tmp_path / "src", tmp_path / "bad.tar.gz", "src")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(tar), cache_dir=str(tmp_path / "cache"))
+    _one_line_error(e, "data.root=", "archive has no recognised")
+
+
+def test_error_class_mismatch(image_folder, tmp_path):
+    root = image_folder[0]
+    (root / "test" / "cat").rename(root / "test" / "kitten")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    _one_line_error(e, "data.root=", "class folders differ", "kitten")
+
+
+def test_error_empty_split(tmp_path):
+    root = tmp_path / "imgs"
+    for cls in CIFAR10_CLASSES:
+        save_png(root / "train" / cls / "0.png", rand_images(1, 0)[0])
+    (root / "test").mkdir()
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    _one_line_error(e, "data.root=", "test/", "empty split")
+
+
+def test_error_empty_class_folder(image_folder, tmp_path):
+    root = image_folder[0]
+    for p in (root / "test" / "dog").iterdir():
+        p.unlink()
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    _one_line_error(e, "data.root=", "test/dog/")
+
+
+def test_error_wrong_image_size(image_folder, tmp_path):
+    root = image_folder[0]
+    bad = root / "train" / "bird" / "0001.png"
+    Image.new("RGB", (28, 28)).save(bad)
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    _one_line_error(e, "data.root", str(bad), "28x28", "32x32")
+
+
+def test_error_corrupt_image(image_folder, tmp_path):
+    root = image_folder[0]
+    bad = root / "test" / "ship" / "0000.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    _one_line_error(e, "data.root", str(bad))
+
+
+def test_error_wrong_class_count(tmp_path):
+    root = tmp_path / "few"
+    make_image_folder(root, 1, 1, classes=["a", "b", "c"])
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    _one_line_error(e, "data.root=", "3 classes", "data.name=cifar10", "10")
+
+
+def test_error_unknown_name():
+    with pytest.raises(DataError) as e:
+        load_dataset("imagenet", "/tmp")
+    _one_line_error(e, "data.name='imagenet'", "cifar10", "cifar100", "synthetic")
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_error_download_fails(tmp_path, monkeypatch, exists):
+    import torchvision.datasets.cifar as tv_cifar
+
+    calls = []
+
+    def fail(*args, **kwargs):
+        calls.append(args)
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", fail)
+    root = tmp_path / "dl"
+    if exists:
+        root.mkdir()
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root), download=True)
+    assert calls, "torchvision's download was not attempted"
+    _one_line_error(e, "data.download=true", "CIFAR-10", str(root), "URLError", "no network?", "data.root")
+
+
+def test_download_without_root_uses_cache_dir(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+
+    def fail(*args, **kwargs):
+        raise URLError("offline")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", fail)
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", None, download=True, cache_dir=str(tmp_path / "cache"))
+    _one_line_error(e, "data.download=true", str(tmp_path / "cache" / "data"))
+
+
+def test_download_not_attempted_when_data_present(cifar10_pickled, monkeypatch):
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", lambda *a, **k: pytest.fail("downloaded"))
+    ds = load_dataset("cifar10", str(cifar10_pickled[0].parent), download=True)
+    assert len(ds.train) == 20
+
+
+# ------------------------------------------------------------------------------------------
+# synthetic
+
+
+def test_synthetic_deterministic():
+    a = load_dataset("synthetic", None, train_size=300, test_size=100, seed=3)
+    b = load_dataset("synthetic", None, train_size=300, test_size=100, seed=3)
+    c = load_dataset("synthetic", None, train_size=300, test_size=100, seed=4)
+    assert a.name == "synthetic" and len(a.classes) == 10
+    assert a.train.images.shape == (300, 3, 32, 32) and a.test.images.shape == (100, 3, 32, 32)
+    assert a.train.images.dtype == torch.uint8 and a.train.labels.dtype == torch.int64
+    assert torch.equal(a.train.images, b.train.images) and torch.equal(a.test.labels, b.test.labels)
+    assert a.mean == b.mean and a.std == b.std
+    assert not torch.equal(a.train.images, c.train.images)
+    assert torch.bincount(a.train.labels, minlength=10).tolist() == [30] * 10
+    px = a.train.images.double().div(255)
+    assert np.allclose(a.mean, px.mean((0, 2, 3)).tolist())
+    assert np.allclose(a.std, px.permute(1, 0, 2, 3).reshape(3, -1).std(1, unbiased=False).tolist())
+    # the test set does not depend on train_size
+    d = load_dataset("synthetic", None, train_size=50, test_size=100, seed=3)
+    assert torch.equal(a.test.images, d.test.images)
+
+
+def test_synthetic_is_learnable():
+    """A nearest-class-mean classifier on 8x8 thumbnails already does far better than chance (a
+    small CNN reaches ~90% within one epoch; checked by hand, too slow for this file)."""
+    ds = load_dataset("synthetic", None, train_size=1000, test_size=500, seed=0)
+
+    def feats(x):
+        return torch.nn.functional.avg_pool2d(x.float() / 255, 4).flatten(1)
+
+    ftr, fte = feats(ds.train.images), feats(ds.test.images)
+    centroids = torch.stack([ftr[ds.train.labels == c].mean(0) for c in range(10)])
+    pred = torch.cdist(fte, centroids).argmin(1)
+    acc = (pred == ds.test.labels).float().mean().item()
+    assert 0.5 < acc  # chance is 0.1
+
+
+@pytest.mark.parametrize("key,kwargs", [("data.train_size", {"train_size": 0}), ("data.test_size", {"test_size": 0})])
+def test_synthetic_empty_split(key, kwargs):
+    with pytest.raises(DataError, match=key):
+        load_dataset("synthetic", None, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------
+# GlobalBatches
+
+
+def id_split(n: int, seed: int = 0) -> Split:
+    """Random images whose label is their index, so labels identify the rows served."""
+    return Split(rand_images(n, seed), torch.arange(n, dtype=torch.int64))
+
+
+MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+
+def reference_normalize(x_uint8):
+    m = torch.tensor(MEAN).view(1, 3, 1, 1)
+    s = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x_uint8.float() / 255 - m) / s
+
+
+def test_len_and_shapes():
+    split = id_split(50)
+    gb = GlobalBatches(split, 8, MEAN, STD, "cpu")
+    assert len(gb) == 6
+    batches = list(gb.epoch(0))
+    assert len(batches) == 6
+    for x, y in batches:
+        assert x.dtype == torch.float32 and x.shape == (8, 3, 32, 32)
+        assert y.dtype == torch.int64 and y.shape == (8,)
+    served = torch.cat([y for _, y in batches])
+    assert served.unique().numel() == 48  # no repeats within an epoch (drop_last)
+    x, y = next(GlobalBatches(split, 8, MEAN, STD, "cpu").epoch(0, 2, 5))
+    assert x.shape == (3, 3, 32, 32) and y.shape == (3,)
+
+
+def test_augmentation_matches_per_sample_reference():
+    n, g = 40, 10
+    split = id_split(n, seed=5)
+    gb = GlobalBatches(split, g, MEAN, STD, "cpu", augment=True, seed=7)
+    perm, dy, dx, flip = augmentation_params(7, 3, n, g)
+    assert perm.shape == dy.shape == dx.shape == flip.shape == (n // g, g)
+    assert dy.min() >= 0 and dy.max() <= 8 and dx.min() >= 0 and dx.max() <= 8
+    assert flip.any() and (~flip).any()
+    for s, (x, y) in enumerate(gb.epoch(3)):
+        assert torch.equal(y, perm[s])
+        for i in range(g):
+            img = split.images[perm[s, i]]
+            # torchvision crops outside the image with zero fill == RandomCrop(32, padding=4)
+            ref = TF.crop(img, int(dy[s, i]) - 4, int(dx[s, i]) - 4, 32, 32)
+            if flip[s, i]:
+                ref = TF.horizontal_flip(ref)
+            # and independently by slicing the padded image
+            padded = torch.zeros(3, 40, 40, dtype=torch.uint8)
+            padded[:, 4:36, 4:36] = img
+            ref2 = padded[:, dy[s, i] : dy[s, i] + 32, dx[s, i] : dx[s, i] + 32]
+            if flip[s, i]:
+                ref2 = ref2.flip(-1)
+            assert torch.equal(ref, ref2)
+            assert torch.equal(x[i], reference_normalize(ref[None])[0])
+
+
+def test_no_augment_is_exact_normalisation():
+    split = id_split(30)
+    gb = GlobalBatches(split, 10, MEAN, STD, "cpu", augment=False, seed=1)
+    perm = augmentation_params(1, 0, 30, 10)[0]
+    for s, (x, y) in enumerate(gb.epoch(0)):
+        assert torch.equal(y, perm[s])
+        assert torch.equal(x, reference_normalize(split.images[perm[s]]))
+    # with augment on, the order is the same (same draws)
+    ys = [y for _, y in GlobalBatches(split, 10, MEAN, STD, "cpu", augment=True, seed=1).epoch(0)]
+    assert torch.equal(torch.stack(ys), perm)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 12])
+def test_slices_bit_identical_to_full_batch(world):
+    split = id_split(60, seed=2)
+    g = 12
+    full = list(GlobalBatches(split, g, MEAN, STD, "cpu", seed=11).epoch(4))
+    parts = [
+        list(GlobalBatches(split, g, MEAN, STD, "cpu", seed=11).epoch(4, r * g // world, (r + 1) * g // world))
+        for r in range(world)
+    ]
+    for s, (x, y) in enumerate(full):
+        assert torch.equal(torch.cat([p[s][0] for p in parts]), x)
+        assert torch.equal(torch.cat([p[s][1] for p in parts]), y)
+
+
+def test_epochs_and_seeds():
+    split = id_split(64)
+    gb = GlobalBatches(split, 16, MEAN, STD, "cpu", seed=0)
+
+    def run(obj, e):
+        return [(x.clone(), y.clone()) for x, y in obj.epoch(e)]
+
+    e0, e0b, e1 = run(gb, 0), run(gb, 0), run(gb, 1)
+    for (xa, ya), (xb, yb) in zip(e0, e0b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert not torch.equal(torch.stack([y for _, y in e0]), torch.stack([y for _, y in e1]))
+    other = run(GlobalBatches(split, 16, MEAN, STD, "cpu", seed=1), 0)
+    assert not torch.equal(torch.stack([y for _, y in e0]), torch.stack([y for _, y in other]))
+    # a fresh object with the same seed reproduces the epoch
+    again = run(GlobalBatches(split, 16, MEAN, STD, "cpu", seed=0), 1)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(e1, again))
+
+
+def test_global_batches_bad_arguments():
+    split = id_split(10)
+    with pytest.raises(DataError, match="global batch size 11"):
+        GlobalBatches(split, 11, MEAN, STD, "cpu")
+    with pytest.raises(DataError):
+        GlobalBatches(split, 0, MEAN, STD, "cpu")
+    gb = GlobalBatches(split, 4, MEAN, STD, "cpu")
+    for start, stop in ((2, 2), (-1, 3), (0, 5)):
+        with pytest.raises(ValueError):
+            gb.epoch(0, start, stop)
+
+
+# ------------------------------------------------------------------------------------------
+# eval_batches
+
+
+@pytest.mark.parametrize("n,world", [(10, 1), (10, 3), (10, 4), (7, 7), (3, 5), (100, 8), (1, 2)])
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_eval_batches_cover_each_index_once(n, world, batch):
+    split = id_split(n)
+    seen, sizes = [], []
+    for r in range(world):
+        ys = [y for _, y in eval_batches(split, batch, MEAN, STD, "cpu", rank=r, world_size=world)]
+        got = torch.cat(ys).tolist() if ys else []
+        assert all(len(y) <= batch for y in ys)
+        sizes.append(len(got))
+        seen += got
+    assert seen == list(range(n))  # contiguous shards in rank order, no padding/duplicates
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_eval_shards_example_and_values():
+    assert [shard_bounds(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    split = id_split(10)
+    xs = [x for x, _ in eval_batches(split, 4, MEAN, STD, "cpu", rank=1, world_size=3)]
+    assert torch.equal(torch.cat(xs), reference_normalize(split.images[4:7]))
+
+
+# ------------------------------------------------------------------------------------------
+# real data
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not REAL_TAR.is_file(), reason=f"{REAL_TAR} not present")
+def test_real_cifar10_tar(tmp_path, monkeypatch):
+    t0 = time.perf_counter()
+    ds = load_dataset("cifar10", str(REAL_TAR), cache_dir=str(tmp_path / "cache"))
+    t_first = time.perf_counter() - t0
+    assert ds.classes == CIFAR10_CLASSES
+    assert ds.train.images.shape == (50000, 3, 32, 32) and ds.test.images.shape == (10000, 3, 32, 32)
+    assert torch.bincount(ds.train.labels, minlength=10).tolist() == [5000] * 10
+    assert torch.bincount(ds.test.labels, minlength=10).tolist() == [1000] * 10
+    mean = ds.train.images.float().div(255).mean((0, 2, 3))
+    assert torch.allclose(mean, torch.tensor(CIFAR10_MEAN), atol=0.01), mean
+    _forbid_decoding(monkeypatch)
+    t0 = time.perf_counter()
+    again = load_dataset("cifar10", str(REAL_TAR), cache_dir=str(tmp_path / "cache"))
+    t_second = time.perf_counter() - t0
+    assert torch.equal(again.train.images, ds.train.images)
+    print(f"realdata: first load {t_first:.1f}s, cached load {t_second:.1f}s")

@@ -1,0 +1,170 @@
+"""The training app end to end: run records, divergence, resume after SIGKILL, bad input,
+wandb offline, and (marked) real CIFAR-10."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from engine import checkpoint
+from engine.config import validate
+from engine.loop import run
+
+from conftest import ROOT, TINY, make_cfg, run_cli
+
+METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
+               "images_per_sec", "elapsed_s"}
+SUMMARY_KEYS = {"status", "test_acc", "best_test_acc", "test_loss", "train_loss",
+                "epochs_completed", "images_per_sec", "wall_time_s", "model", "depth", "norm",
+                "ws", "batch_size_per_device", "devices", "virtual_devices", "accumulate",
+                "global_batch", "seed", "overrides"}
+
+
+def test_short_run_writes_the_run_record_and_learns(tmp_path):
+    cfg = make_cfg(*TINY, "trainer.epochs=3", "data.train_size=512")
+    validate(cfg)
+    summary = run(cfg, tmp_path, overrides=["x=1"])
+    assert SUMMARY_KEYS <= set(summary) and summary["status"] == "completed"
+    assert summary["epochs_completed"] == 3 and summary["overrides"] == ["x=1"]
+    assert summary["test_acc"] > 30, summary  # 10 classes: chance is 10%
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["test_acc"] == summary["test_acc"]
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in lines] == [1, 2, 3]
+    assert all(set(m) == METRIC_KEYS for m in lines)
+    assert lines[-1]["test_acc"] == summary["test_acc"]
+    assert summary["best_test_acc"] == max(m["test_acc"] for m in lines)
+    config = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config["model"]["depth"] == 8 and config["data"]["name"] == "synthetic"
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert state["epoch"] == 3 and set(state["rng"]) >= {"torch", "python", "numpy"}
+    # Re-running a finished run does nothing and returns the same summary.
+    assert run(cfg, tmp_path)["wall_time_s"] == summary["wall_time_s"]
+
+
+def test_lr_schedule_warmup_then_cosine_with_linear_scaling(tmp_path):
+    cfg = make_cfg(*TINY, "optim.warmup_epochs=1", "optim.lr=0.4", "data.train_size=128")
+    run(cfg, tmp_path)
+    lrs = [m["lr"] for m in (json.loads(x) for x in
+                             (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    # global batch 32 -> peak lr 0.4 * 32/128 = 0.1; 4 steps/epoch, 2 epochs, cosine to 0.
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_divergence_is_a_result_not_a_crash(tmp_path):
+    cfg = make_cfg(*TINY, "norm=none", "optim.lr=1e6", "optim.warmup_epochs=0",
+                   "trainer.check_every=1")
+    summary = run(cfg, tmp_path)
+    assert summary["status"] == "diverged" and summary["epochs_completed"] == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["status"] == "diverged"
+
+
+def test_accumulation_and_virtual_devices_change_the_global_batch(tmp_path):
+    cfg = make_cfg(*TINY, "batch_size_per_device=4", "trainer.virtual_devices=4",
+                   "trainer.accumulate=2", "trainer.epochs=1")
+    summary = run(cfg, tmp_path)
+    assert summary["global_batch"] == 32 and summary["status"] == "completed"
+
+
+def _state(path):
+    return checkpoint.load(path)["model"]
+
+
+def test_sigkill_mid_epoch_then_rerun_ends_bit_exactly(tmp_path):
+    args = [*TINY, "data.train_size=1024", "trainer.epochs=3", "norm=bcn_ws"]
+    ref = run_cli(*args, "hydra.run.dir=ref", cwd=tmp_path)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "hydra.run.dir=killed"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert ckpt.exists(), "first epoch never finished"
+    time.sleep(1.0)  # well inside epoch 2 (an epoch takes several seconds)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert checkpoint.load(ckpt)["epoch"] == 1, "kill came too late to be mid-run"
+    assert not (tmp_path / "killed" / "summary.json").exists()
+
+    resumed = run_cli(*args, "hydra.run.dir=killed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming" in resumed.stdout + resumed.stderr
+    a, b = _state(tmp_path / "ref/checkpoints/last.pt"), _state(ckpt)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    metrics = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text()  # noqa
+                         .splitlines()]
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("images_per_sec", "elapsed_s")}  # noqa
+                        for m in ms]
+    assert strip(metrics("ref")) == strip(metrics("killed"))
+
+
+def test_corrupt_checkpoint_is_one_clear_error_and_kept(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a checkpoint")
+    res = run_cli(*TINY, "hydra.run.dir=run", cwd=tmp_path)
+    assert res.returncode == 2
+    assert f"checkpoint {ckpt.resolve()} cannot be read" in res.stdout + res.stderr \
+        or "cannot be read" in res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    assert ckpt.read_bytes() == b"not a checkpoint"
+
+
+def test_checkpoint_of_another_config_is_refused(tmp_path):
+    run(make_cfg(*TINY, "trainer.epochs=1", "trainer.resume=true"), tmp_path)
+    (tmp_path / "summary.json").unlink()  # pretend it was interrupted
+    with pytest.raises(checkpoint.CheckpointError, match=r"seed: 0 there, 1 now"):
+        run(make_cfg(*TINY, "trainer.epochs=1", "seed=1"), tmp_path)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["batch_size_per_device=0"], "batch_size_per_device=0 is invalid"),
+    (["batch_size_per_device=abc"], "batch_size_per_device"),
+    (["trainer.epoch=3"], "trainer.epoch"),
+    (["norm=batchnorm"], "norm"),
+    (["model.depth=19"], "model.depth=19 is not a valid resnet depth"),
+    (["norm=gn", "norm.groups=5"], "norm.groups=5 does not divide"),
+    (["data=cifar10", "data.root=/does/not/exist", "data.download=false"], "data.root"),
+    (["data=cifar10", "data.root=/does/not/exist", "data.download=true"], "data.download"),
+])
+def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, needle):
+    res = run_cli(*TINY, *args, cwd=tmp_path, timeout=120)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert needle in out, out[-2000:]
+    assert "Traceback" not in out
+    assert not list(tmp_path.rglob("last.pt")), "nothing may be trained"
+
+
+def test_wandb_offline_record(tmp_path):
+    cfg = make_cfg(*TINY, "trainer.epochs=1", "logger.mode=offline", "name=wb")
+    run(cfg, tmp_path)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # The offline log is wandb's binary record stream; keys and names are stored verbatim.
+    blob = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for needle in (b"global_batch", b"norm_label", b"test_acc", b"images_seen", b"wb"):
+        assert needle in blob, needle
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_resnet20_bn_learns_real_cifar10_in_one_epoch(tmp_path, shared_tar):
+    cfg = make_cfg(f"data.root={shared_tar}", f"data.cache_dir={tmp_path / 'cache'}",
+                   "data.train_subset=10000", "trainer.epochs=1", "logger.mode=disabled",
+                   "trainer.device=cpu", "optim.warmup_epochs=0")
+    summary = run(cfg, tmp_path / "run")
+    assert summary["test_acc"] > 25, summary  # chance: 10%
