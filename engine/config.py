@@ -140,6 +140,7 @@ def validate(cfg: DictConfig) -> None:
 
     Builds the model once (cheap) so that norm options are checked against every layer."""
     from models import build_model, check_depth  # engine -> models, never the reverse
+    from norms import check_statistics, configure_devices
 
     _require(cfg.batch_size_per_device >= 1, "batch_size_per_device", cfg.batch_size_per_device,
              "an integer >= 1")
@@ -172,12 +173,25 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("trainer.device='cuda' but no CUDA device is visible; "
                               "allowed here: auto, cpu")
 
+    if cfg.logger.mode == "online":
+        from .tracking import has_credentials
+        if not has_credentials():
+            raise ConfigError("logger.mode='online' but no wandb credentials (WANDB_API_KEY or "
+                              "~/.netrc); run `wandb login`, or use auto, offline, disabled")
+
     try:
         check_depth(cfg.model.arch, cfg.model.depth)
-        build_model(cfg.model.arch, cfg.model.depth, norm=cfg.norm.name, ws=cfg.norm.ws,
-                    zero_init_residual=cfg.model.zero_init_residual, **norm_options(cfg))
+        model = build_model(cfg.model.arch, cfg.model.depth, norm=cfg.norm.name,
+                            ws=cfg.norm.ws, zero_init_residual=cfg.model.zero_init_residual,
+                            **norm_options(cfg))
     except ValueError as e:
         raise ConfigError(_config_keys(str(e))) from None
+    configure_devices(model, t.virtual_devices)
+    try:
+        check_statistics(model, (cfg.batch_size_per_device, 3, 32, 32))
+    except ValueError as e:
+        raise ConfigError(f"norm.name={cfg.norm.name!r} at batch_size_per_device="
+                          f"{cfg.batch_size_per_device}: {e}") from None
 
 
 def _config_keys(message: str) -> str:

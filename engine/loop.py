@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from models import build_model
-from norms import check_statistics, configure_devices
+from norms import configure_devices
 
 from . import checkpoint
 from .config import ConfigError, global_batch, norm_label, norm_options
@@ -235,11 +235,6 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
                         zero_init_residual=cfg.model.zero_init_residual, **norm_options(cfg))
     model.to(proc.device)
     configure_devices(model, t.virtual_devices, proc.group)
-    try:
-        check_statistics(model, (cfg.batch_size_per_device, 3, 32, 32))
-    except ValueError as e:
-        raise ConfigError(f"norm.name={cfg.norm.name!r} at batch_size_per_device="
-                          f"{cfg.batch_size_per_device}: {e}") from None
 
     lr = cfg.optim.lr * (g / 128 if cfg.optim.scale_lr else 1.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.optim.momentum,

@@ -1,9 +1,11 @@
 """Config composition (Hydra compose API) and validation: every bad input is one clear line."""
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
 
 from engine.config import ConfigError, global_batch, norm_options, validate
+from norms import build_norm
 
 from conftest import make_cfg
 
@@ -79,3 +81,29 @@ def test_validation_names_key_value_and_allowed(overrides, match):
     with pytest.raises(ConfigError, match=match) as err:
         validate(cfg)
     assert "\n" not in str(err.value)
+
+
+def test_online_logging_without_credentials_is_refused(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    with pytest.raises(ConfigError, match=r"logger.mode='online' but no wandb credentials"):
+        validate(make_cfg("data.root=/x", "logger.mode=online"))
+
+
+def test_impossible_norm_statistics_are_refused_before_training(monkeypatch):
+    import models
+
+    class OneByOne(torch.nn.Module):  # a network whose BN sees 1x1 maps
+        def __init__(self, **kw):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 32)
+            self.bn = build_norm("bn", 8)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    monkeypatch.setattr(models, "build_model", lambda *a, **kw: OneByOne())
+    with pytest.raises(ConfigError, match=r"norm.name='bn' at batch_size_per_device=1: bn "
+                                          r"\(BatchNorm\): batch statistics over 1 value"):
+        validate(make_cfg("data.root=/x", "batch_size_per_device=1"))
+    validate(make_cfg("data.root=/x", "batch_size_per_device=2"))

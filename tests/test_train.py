@@ -168,3 +168,17 @@ def test_resnet20_bn_learns_real_cifar10_in_one_epoch(tmp_path, shared_tar):
                    "trainer.device=cpu", "optim.warmup_epochs=0")
     summary = run(cfg, tmp_path / "run")
     assert summary["test_acc"] > 25, summary  # chance: 10%
+
+
+def test_multirun_sweep_writes_one_record_per_job_and_reruns_skip(tmp_path):
+    args = ["-m", *TINY, "trainer.epochs=1", "norm=bn,gn_ws", "batch_size_per_device=16,32",
+            "name=sw"]
+    res = run_cli(*args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summaries = sorted((tmp_path / "multirun" / "sw").glob("*/summary.json"))
+    assert len(summaries) == 4
+    cells = {(s["norm_label"], s["batch_size_per_device"])
+             for s in (json.loads(p.read_text()) for p in summaries)}
+    assert cells == {("bn", 16), ("bn", 32), ("gn_ws", 16), ("gn_ws", 32)}
+    again = run_cli(*args, cwd=tmp_path)
+    assert again.returncode == 0 and (again.stdout + again.stderr).count("nothing to do") == 4
