@@ -1,10 +1,11 @@
 """Train one configuration: python train.py norm=bcn_ws model=resnet model.depth=56 ...
 
-A thin Hydra entry point: compose config -> validate -> run. Everything else is in engine/.
+A thin Hydra entry point: compose config -> validate -> launch -> engine.loop.run.
+Launch: one process; `trainer.devices=N` self-launches N DDP workers; under torchrun every
+process arrives here and joins the group torchrun set up.
 """
 from __future__ import annotations
 
-import logging
 import sys
 
 import hydra
@@ -16,19 +17,41 @@ from engine.config import ConfigError, register, validate
 from engine.data import DataError
 
 register()
-log = logging.getLogger("microbatch")
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
+    from engine import distributed
+    from engine.loop import run
+
     hc = HydraConfig.get()
+    run_dir, overrides = hc.runtime.output_dir, list(hc.overrides.task)
+    world = distributed.world_size_from_env()
     try:
+        if world > 1:  # torchrun: the launcher decides the number of processes
+            if cfg.trainer.devices not in (1, world):
+                raise ConfigError(f"trainer.devices={cfg.trainer.devices} but torchrun started "
+                                  f"{world} processes; allowed: {world} or leave it unset")
+            cfg.trainer.devices = world
         validate(cfg)
-        from engine.loop import run  # after validation: bad input fails fast
-        return run(cfg, hc.runtime.output_dir, overrides=list(hc.overrides.task))
+        if world > 1:
+            proc = distributed.init_process(cfg.trainer.device, cfg.trainer.timeout_s)
+            try:
+                return run(cfg, run_dir, overrides, proc)
+            finally:
+                distributed.shutdown()
+        if cfg.trainer.devices > 1:
+            summary = distributed.self_launch(cfg, run_dir, overrides)
+            if "error" in summary:
+                raise ConfigError(summary["error"])
+            return summary
+        return run(cfg, run_dir, overrides)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)  # one line; a traceback is for bugs
         sys.exit(2)
+    except distributed.WorkerFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ class TrainerConfig:
     resume: bool = True              # continue from <run dir>/checkpoints/last.pt if present
     progress: bool = True            # tqdm bar on interactive terminals
     check_every: int = 50            # steps between non-finite-loss checks (host syncs)
+    timeout_s: float = 300.0         # collective timeout: a stuck peer fails the job
 
 
 @dataclass
@@ -147,6 +148,7 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.trainer
     for key in ("epochs", "devices", "virtual_devices", "accumulate", "check_every"):
         _require(t[key] >= 1, f"trainer.{key}", t[key], "an integer >= 1")
+    _require(t.timeout_s > 0, "trainer.timeout_s", t.timeout_s, "a number > 0")
     _require(t.num_threads >= 0, "trainer.num_threads", t.num_threads, "0 (default) or >= 1")
     _require(t.device in DEVICES, "trainer.device", t.device, ", ".join(DEVICES))
     o = cfg.optim

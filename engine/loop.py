@@ -15,6 +15,7 @@ import math
 import random
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models import build_model
@@ -38,13 +40,13 @@ log = logging.getLogger("microbatch")
 
 # Keys that do not change a run's mathematics: free to differ when resuming.
 NON_IDENTITY = ("logger", "trainer.progress", "trainer.num_threads", "trainer.resume",
-                "trainer.check_every", "data.root", "data.cache_dir", "data.download",
-                "data.eval_batch_size")
+                "trainer.check_every", "trainer.timeout_s", "data.root", "data.cache_dir",
+                "data.download", "data.eval_batch_size")
 
 
 @dataclass
 class Process:
-    """Where this process sits among the real devices (issue: DDP sets rank/world/group)."""
+    """Where this process sits among the real devices (engine/distributed.py sets it up)."""
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
@@ -132,11 +134,12 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------- steps
 
 
-def train_epoch(model, optimizer, scheduler, batches: GlobalBatches, epoch: int, proc: Process,
+def train_epoch(net, optimizer, scheduler, batches: GlobalBatches, epoch: int, proc: Process,
                 accumulate: int, check_every: int, bar: tqdm | None):
     """One epoch of optimizer steps; returns (loss sum, correct, images) tensors of this process.
 
-    Losses are summed on the device and read back every `check_every` steps only.
+    `net` is the model, or its DDP wrapper. Losses are summed on the device and read back (and
+    checked, by all processes together) every `check_every` steps only.
     """
     g = batches.global_batch
     rows = g // proc.world_size
@@ -146,16 +149,18 @@ def train_epoch(model, optimizer, scheduler, batches: GlobalBatches, epoch: int,
     seen = 0
     for step, (x, y) in enumerate(batches.epoch(epoch, start, start + rows), 1):
         optimizer.zero_grad(set_to_none=True)
-        for xs, ys in zip(x.chunk(accumulate), y.chunk(accumulate)):
-            out = model(xs)
-            loss = F.cross_entropy(out, ys)
-            (loss / accumulate).backward()
+        for i, (xs, ys) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate)), 1):
+            # DDP all-reduces gradients on the last accumulation step only.
+            with net.no_sync() if i < accumulate and proc.world_size > 1 else nullcontext():
+                out = net(xs)
+                loss = F.cross_entropy(out, ys)
+                (loss / accumulate).backward()
             loss_sum += loss.detach() * len(ys)
             correct += (out.argmax(1) == ys).sum()
         optimizer.step()
         scheduler.step()
         seen += len(y)
-        if step % check_every == 0 and not torch.isfinite(loss_sum):
+        if step % check_every == 0 and not torch.isfinite(reduce_sum(loss_sum.clone(), proc)):
             break
         if bar is not None:
             bar.update(1)
@@ -186,6 +191,23 @@ def reduce_sum(t: torch.Tensor, proc: Process) -> torch.Tensor:
     if proc.world_size > 1:
         dist.all_reduce(t, group=proc.group)
     return t
+
+
+@torch.no_grad()
+def average_buffers(model, proc: Process) -> None:
+    """Average floating-point buffers (BN running statistics) over processes.
+
+    Each process updates its copy from its own devices' batches; the update is linear, so one
+    average before use equals averaging every step, as virtual devices do (norms/batchnorm.py).
+    Synchronised buffers (syncbn, bcn) are equal everywhere and stay so.
+    """
+    if proc.world_size == 1:
+        return
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    if buffers:
+        flat = reduce_sum(torch.cat([b.flatten() for b in buffers]), proc) / proc.world_size
+        for b, avg in zip(buffers, flat.split([b.numel() for b in buffers])):
+            b.copy_(avg.view_as(b))
 
 
 # ---------------------------------------------------------------- the run
@@ -235,6 +257,12 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
                         zero_init_residual=cfg.model.zero_init_residual, **norm_options(cfg))
     model.to(proc.device)
     configure_devices(model, t.virtual_devices, proc.group)
+    net = model
+    if proc.world_size > 1:
+        # Buffers are averaged before use instead of broadcast from rank 0 every step.
+        net = DistributedDataParallel(
+            model, device_ids=[proc.device] if proc.device.type == "cuda" else None,
+            forward_sync_buffers=False)
 
     lr = cfg.optim.lr * (g / 128 if cfg.optim.scale_lr else 1.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.optim.momentum,
@@ -269,7 +297,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
                        disable=not show, dynamic_ncols=True) if show else None
             tic = time.perf_counter()
-            sums = train_epoch(model, optimizer, scheduler, batches, epoch, proc, t.accumulate,
+            sums = train_epoch(net, optimizer, scheduler, batches, epoch, proc, t.accumulate,
                                t.check_every, bar)
             train_time = time.perf_counter() - tic
             if bar is not None:
@@ -281,6 +309,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
                 log.warning("epoch %d: non-finite training loss; stopping (status diverged)",
                             epoch + 1)
                 break
+            average_buffers(model, proc)
             test_loss, test_acc = evaluate(model, data.test, data.mean, data.std,
                                            cfg.data.eval_batch_size, proc)
             metrics = {"epoch": epoch + 1, "train_loss": train_loss,

@@ -1,0 +1,107 @@
+"""Real devices: DDP processes launched by torchrun or by train.py itself.
+
+- `torchrun --nproc_per_node=N train.py ...` (and multi-node: --nnodes, c10d rendezvous): each
+  process runs train.py; `init_process` joins the group torchrun describes in the environment.
+- `python train.py trainer.devices=N`: `self_launch` starts N workers with torch's elastic
+  launch API and a c10d rendezvous on a free local port (port 0: the OS picks), so it also
+  works inside Hydra multirun jobs and parallel jobs never collide.
+
+NCCL on CUDA, gloo on CPU. A worker that dies makes the elastic agent stop the others, so the
+job exits non-zero instead of hanging; re-running the command resumes from the checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from .loop import Process, pick_device
+
+log = logging.getLogger("microbatch")
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_process(device: str, timeout_s: float) -> Process:
+    """Join the process group described by the launcher's environment (RANK, WORLD_SIZE, ...)."""
+    world = world_size_from_env()
+    if world == 1:
+        return Process(device=pick_device(device))
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    elif not os.environ.get("OMP_NUM_THREADS"):
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                            timeout=timedelta(seconds=timeout_s),
+                            device_id=dev if dev.type == "cuda" else None)
+    if rank != 0:  # one voice: rank 0 logs, shows progress, writes the record
+        logging.getLogger().setLevel(logging.WARNING)
+    return Process(rank=rank, world_size=world, device=dev, group=dist.group.WORLD)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def self_launch(cfg, run_dir: str, overrides: list[str]) -> dict:
+    """Run `cfg` on trainer.devices local worker processes; returns rank 0's summary."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.trainer.devices,
+                          run_id=uuid.uuid4().hex, rdzv_backend="c10d",
+                          rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
+                          start_method="spawn")
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        results = elastic_launch(config, worker)(OmegaConf.to_container(cfg, resolve=True),
+                                                 str(run_dir), list(overrides))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        raise WorkerFailed(f"worker rank {rank} failed ({_describe(failure)}); the job was "
+                           f"stopped; re-run the same command to resume from {run_dir}/"
+                           "checkpoints/last.pt") from None
+    return results[0]
+
+
+class WorkerFailed(RuntimeError):
+    """A DDP worker died or raised; the others were stopped."""
+
+
+def _describe(failure) -> str:
+    if failure.signal_name() != "<N/A>" and failure.exitcode < 0:
+        return f"killed by {failure.signal_name()}"
+    message = failure.message.get("message", "") if isinstance(failure.message, dict) else ""
+    return f"exit code {failure.exitcode}" + (f": {message.splitlines()[0]}" if message else "")
+
+
+def worker(cfg_dict: dict, run_dir: str, overrides: list[str]) -> dict:
+    """Entry point of a self-launched worker (a fresh interpreter: no Hydra here)."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .loop import run
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    cfg = OmegaConf.create(cfg_dict)
+    proc = init_process(cfg.trainer.device, cfg.trainer.timeout_s)
+    try:
+        return run(cfg, run_dir, overrides, proc)
+    except (ConfigError, DataError, CheckpointError) as e:
+        return {"error": str(e)}  # the launcher prints it as one line
+    finally:
+        shutdown()
