@@ -37,6 +37,7 @@ class NormConfig:
     channels_per_group: Optional[int] = None
     eps: float = 1e-5
     momentum: Optional[float] = 0.1  # bn running-stat rate; bcn: the estimate update rate r
+    sync_stats: bool = True          # bcn: estimates from the global batch, or per device
 
 
 @dataclass
@@ -116,7 +117,7 @@ def global_batch(cfg) -> int:
 def norm_options(cfg) -> dict[str, Any]:
     """The options `build_norm` takes, from the norm config."""
     n = cfg.norm
-    opts = {"eps": n.eps, "momentum": n.momentum}
+    opts = {"eps": n.eps, "momentum": n.momentum, "sync_stats": n.sync_stats}
     if n.channels_per_group is not None:
         opts["channels_per_group"] = n.channels_per_group
     elif n.groups is not None:
@@ -198,6 +199,6 @@ def validate(cfg: DictConfig) -> None:
 
 def _config_keys(message: str) -> str:
     """Speak in config keys: the norm factory says `groups=`, the user typed `norm.groups=`."""
-    for key in ("groups", "channels_per_group", "eps", "momentum"):
+    for key in ("groups", "channels_per_group", "eps", "momentum", "sync_stats"):
         message = message.replace(f": {key}=", f": norm.{key}=")
     return message.replace("norm='", "norm.name='")

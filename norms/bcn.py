@@ -17,6 +17,11 @@ Because mean((x - mu_hat)^2) is taken around a constant, the update is linear in
 averaging per-device updates equals the update from the global batch, so synchronising costs one
 all-reduce of per-channel sums.
 
+With `sync_stats=False` (the ablation) every device keeps private estimates, updated from its
+own batch and used to normalise it: buffers of shape [devices, C], identical in every process
+(the updated rows are all-gathered each step, so checkpoints and eval need nothing more). Eval
+normalises with the devices' average estimates.
+
 Channel normalization is GN without per-channel affine, with a per-GROUP scale and shift:
 
     z = (y - mean_g) / sqrt(var_g + eps) * gamma_g + beta_g
@@ -34,51 +39,81 @@ from .devices import DeviceAware
 
 
 class EstimatedBatchNorm(DeviceAware, nn.Module):
-    """The estimated-BN half of BCN. `momentum` is the paper's update rate r."""
+    """The estimated-BN half of BCN. `momentum` is the paper's update rate r; `sync_stats`
+    chooses estimates of the global batch (default) or private per-device estimates."""
 
-    def __init__(self, num_channels: int, momentum: float = 0.1, eps: float = 1e-5):
+    def __init__(self, num_channels: int, momentum: float = 0.1, eps: float = 1e-5,
+                 sync_stats: bool = True):
         super().__init__()
         self.num_channels, self.momentum, self.eps = num_channels, momentum, eps
+        self.sync_stats = sync_stats
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
         self.register_buffer("mu_hat", torch.zeros(num_channels))
         self.register_buffer("var_hat", torch.ones(num_channels))
 
     def extra_repr(self) -> str:
-        return f"{self.num_channels}, momentum={self.momentum}, eps={self.eps}"
+        return (f"{self.num_channels}, momentum={self.momentum}, eps={self.eps}, "
+                f"sync_stats={self.sync_stats}")
+
+    def devices_changed(self) -> None:
+        if not self.sync_stats:  # one row of estimates per device, all devices everywhere
+            shape = (self.virtual_devices * self.world_size(), self.num_channels)
+            if self.mu_hat.shape != shape:
+                self.mu_hat = self.mu_hat.new_zeros(shape)
+                self.var_hat = self.var_hat.new_ones(shape)
+
+    def _rows(self, buf: torch.Tensor) -> torch.Tensor:
+        """[S, C] view of the estimates this process's S slices use (S = 1 when synced)."""
+        if self.sync_stats:
+            return buf.view(1, -1)
+        k = self.virtual_devices
+        return buf.view(-1, self.num_channels)[self.rank() * k:(self.rank() + 1) * k]
 
     @torch.no_grad()
-    def update_estimates(self, x: torch.Tensor) -> None:
-        dims = [0, *range(2, x.dim())]
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        sums = torch.stack([x.sum(dims), (x - self.mu_hat.view(shape)).square().sum(dims)])
-        count = x.numel() // x.shape[1]
+    def update_estimates(self, xs: torch.Tensor) -> None:
+        """xs: [S, n, C, *], S slices each with its own row of estimates."""
+        mu, var = self._rows(self.mu_hat), self._rows(self.var_hat)
+        dims = [1, *range(3, xs.dim())]
+        centred = xs - mu.view(mu.shape[0], 1, -1, *(1,) * (xs.dim() - 3))
+        sums = torch.stack([xs.sum(dims), centred.square().sum(dims)])  # [2, S, C]
+        count = xs[0].numel() // self.num_channels
         world = self.world_size()
-        if world > 1:
+        if self.sync_stats and world > 1:
             dist.all_reduce(sums, group=self.process_group)
             count *= world  # every process holds the same number of images
-        mean, sq = (sums / count).to(self.mu_hat.dtype)
-        self.mu_hat.lerp_(mean, self.momentum)
-        self.var_hat.lerp_(sq, self.momentum)
+        mean, sq = (sums / count).to(mu.dtype)
+        mu.lerp_(mean, self.momentum)
+        var.lerp_(sq, self.momentum)
+        if not self.sync_stats and world > 1:
+            for buf, mine in ((self.mu_hat, mu), (self.var_hat, var)):
+                rows = list(buf.view(world, -1))
+                dist.all_gather(rows, mine.reshape(-1).clone(), group=self.process_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slices = self.virtual_devices if self.training and not self.sync_stats else 1
+        xs = x.unflatten(0, (slices, -1))
         if self.training:
-            self.update_estimates(x)
+            self.update_estimates(xs)
+            mu, var = self._rows(self.mu_hat), self._rows(self.var_hat)
+        else:  # eval: the devices' average estimates
+            mu, var = (b.view(-1, self.num_channels).mean(0, keepdim=True)
+                       for b in (self.mu_hat, self.var_hat))
         # Constant estimates make this a per-channel affine map: one fused multiply-add.
-        scale = self.weight * torch.rsqrt(self.var_hat + self.eps)
-        shift = self.bias - self.mu_hat * scale
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mu * scale
+        shape = (slices, 1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.view(shape), xs, scale.view(shape)).flatten(0, 1)
 
 
 class BatchChannelNorm(nn.Module):
     """BCN: `EstimatedBatchNorm` then channel normalization with per-group scale and shift."""
 
     def __init__(self, num_channels: int, groups: int = 32, momentum: float = 0.1,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, sync_stats: bool = True):
         super().__init__()
         self.num_channels, self.groups, self.eps = num_channels, groups, eps
-        self.estimated_bn = EstimatedBatchNorm(num_channels, momentum, eps)
+        self.estimated_bn = EstimatedBatchNorm(num_channels, momentum, eps, sync_stats)
         self.weight = nn.Parameter(torch.ones(groups))   # gamma_g
         self.bias = nn.Parameter(torch.zeros(groups))    # beta_g
 

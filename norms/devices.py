@@ -26,6 +26,12 @@ class DeviceAware:
             return 1
         return dist.get_world_size(self.process_group)
 
+    def rank(self) -> int:
+        return dist.get_rank(self.process_group) if self.world_size() > 1 else 0
+
+    def devices_changed(self) -> None:
+        """Called by configure_devices; layers with per-device state resize it here."""
+
 
 def configure_devices(model: nn.Module, virtual_devices: int = 1, process_group=None) -> int:
     """Tell every batch-dependent layer in `model` the device layout; returns how many there are."""
@@ -35,4 +41,5 @@ def configure_devices(model: nn.Module, virtual_devices: int = 1, process_group=
     for m in layers:
         m.virtual_devices = virtual_devices
         m.process_group = process_group
+        m.devices_changed()
     return len(layers)

@@ -13,7 +13,7 @@ from .bcn import BatchChannelNorm
 from .groupnorm import GroupNorm
 
 NORMS = ("bn", "syncbn", "gn", "ln", "in", "bcn", "none")
-OPTIONS = ("groups", "channels_per_group", "eps", "momentum")
+OPTIONS = ("groups", "channels_per_group", "eps", "momentum", "sync_stats")
 DEFAULT_GROUPS = 32  # GN paper and the BCN authors' code
 
 
@@ -43,7 +43,8 @@ def build_norm(name: str, num_channels: int, **options) -> nn.Module:
     name: bn, syncbn, gn, ln, in, bcn or none.
     options: groups | channels_per_group (gn, bcn; default 32 groups), eps (default 1e-5),
     momentum (bn/syncbn running-statistics rate, None = cumulative; bcn: the update rate r;
-    default 0.1).
+    default 0.1), sync_stats (bcn: estimates from the global batch, default True, or private
+    per-device estimates).
     """
     if name not in NORMS:
         raise ValueError(f"norm={name!r} is unknown; allowed: {', '.join(NORMS)}")
@@ -74,7 +75,11 @@ def build_norm(name: str, num_channels: int, **options) -> nn.Module:
                             options.get("channels_per_group"))
     if name == "gn":
         return GroupNorm(groups, num_channels, eps=eps)
-    return BatchChannelNorm(num_channels, groups=groups, momentum=momentum, eps=eps)
+    sync_stats = options.get("sync_stats", True)
+    if not isinstance(sync_stats, bool):
+        raise ValueError(f"{name}: sync_stats={sync_stats!r} must be true or false")
+    return BatchChannelNorm(num_channels, groups=groups, momentum=momentum, eps=eps,
+                            sync_stats=sync_stats)
 
 
 def _check_positive_int(norm: str, key: str, value) -> None:

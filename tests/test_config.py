@@ -36,7 +36,7 @@ def test_contract_keys_override():
                    "trainer.virtual_devices=4", "trainer.accumulate=2", "optim.lr=0.05",
                    "logger.mode=disabled")
     assert global_batch(cfg) == 2 * 2 * 4 * 2
-    assert norm_options(cfg) == {"eps": 1e-5, "momentum": 0.1, "groups": 16}
+    assert norm_options(cfg) == {"eps": 1e-5, "momentum": 0.1, "sync_stats": True, "groups": 16}
     assert cfg.data.train_subset == 1000 and cfg.trainer.epochs == 4
 
 

@@ -50,13 +50,14 @@ def test_self_launch_and_torchrun_run_the_same_ddp_job(tmp_path):
         metrics(tmp_path / "torchrun")[-1]["test_loss"]  # the very same computation
 
 
-@pytest.mark.parametrize("norm", ["bn", "syncbn", "bcn_ws"])
+@pytest.mark.parametrize("norm", ["bn", "syncbn", "bcn_ws", "bcn_ws norm.sync_stats=false"])
 def test_ddp_equals_virtual_devices(tmp_path, norm):
-    res = run_cli(*SMALL, f"norm={norm}", "trainer.devices=2", "hydra.run.dir=ddp", cwd=tmp_path)
+    norm = f"norm={norm}".split()
+    res = run_cli(*SMALL, *norm, "trainer.devices=2", "hydra.run.dir=ddp", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    run(make_cfg(*SMALL, f"norm={norm}", "trainer.virtual_devices=2"), tmp_path / "virtual")
+    run(make_cfg(*SMALL, *norm, "trainer.virtual_devices=2"), tmp_path / "virtual")
     assert_same_run(metrics(tmp_path / "ddp"), metrics(tmp_path / "virtual"))
-    if norm == "bn":  # control: BN over the joint batch of 16 is other maths, and it shows
+    if norm == ["norm=bn"]:  # control: BN over the joint batch of 16 is other maths, and it shows
         run(make_cfg(*SMALL, "batch_size_per_device=16"), tmp_path / "joint")
         with pytest.raises(AssertionError):
             assert_same_run(metrics(tmp_path / "ddp"), metrics(tmp_path / "joint"))

@@ -362,3 +362,33 @@ def test_check_statistics_syncbn_counts_every_device():
     configure_devices(model, virtual_devices=2)
     check_statistics(model, (1, 3, 32, 32))
     assert model.training and math.isclose(float(model.head[0].running_mean.sum()), 0.0)
+
+
+def test_bcn_private_estimates_per_virtual_device():
+    """sync_stats=False: device k normalises with its own estimates, updated from its slice
+    only, exactly like an independent layer per device; eval uses their average."""
+    gen = torch.Generator().manual_seed(5)
+    k = 3
+    layer = build_norm("bcn", 6, groups=2, momentum=0.3, sync_stats=False).to(DT)
+    randomize_affine(layer, gen)
+    configure_devices(layer, virtual_devices=k)
+    assert layer.estimated_bn.mu_hat.shape == (k, 6)
+    singles = [build_norm("bcn", 6, groups=2, momentum=0.3).to(DT) for _ in range(k)]
+    for s in singles:
+        s.load_state_dict({n: v for n, v in layer.state_dict().items() if "_hat" not in n},
+                          strict=False)
+    for _ in range(3):
+        x = torch.randn(k * 2, 6, 3, 3, generator=gen, dtype=DT) * 2 + 1
+        y = layer(x)
+        torch.testing.assert_close(y, torch.cat([s(c) for s, c in zip(singles, x.chunk(k))]))
+    ebn = layer.estimated_bn
+    for i, s in enumerate(singles):
+        torch.testing.assert_close(ebn.mu_hat[i], s.estimated_bn.mu_hat)
+    layer.eval()
+    x = torch.randn(4, 6, 3, 3, generator=gen, dtype=DT)
+    avg = build_norm("bcn", 6, groups=2).to(DT).eval()
+    avg.load_state_dict({**layer.state_dict(), "estimated_bn.mu_hat": ebn.mu_hat.mean(0),
+                         "estimated_bn.var_hat": ebn.var_hat.mean(0)})
+    torch.testing.assert_close(layer(x), avg(x))
+    with pytest.raises(ValueError, match="sync_stats='no' must be true or false"):
+        build_norm("bcn", 6, groups=2, sync_stats="no")

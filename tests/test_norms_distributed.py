@@ -14,6 +14,8 @@ DT = torch.float64
 
 
 def _run(rank, init_file, norm, virtual_devices):
+    """Each rank holds slices of one batch; `ref` is the same layer over the whole batch in one
+    process (private bcn estimates: one process holding every device as a virtual device)."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=WORLD)
     torch.set_num_threads(1)
@@ -21,7 +23,12 @@ def _run(rank, init_file, norm, virtual_devices):
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(WORLD * virtual_devices * 2, 6, 3, 3, generator=gen, dtype=DT) * 2 + 1
         up = torch.randn(x.shape, generator=gen, dtype=DT)
-        ref, layer = (build_norm(norm, 6, groups=3, momentum=0.3).to(DT) for _ in range(2))
+        private = norm == "bcn_private"
+        name, opts = ("bcn", {"sync_stats": False}) if private else (norm, {})
+        ref, layer = (build_norm(name, 6, groups=3, momentum=0.3, **opts).to(DT)
+                      for _ in range(2))
+        if private:
+            configure_devices(ref, virtual_devices=WORLD * virtual_devices)
         with torch.no_grad():
             for p in [*ref.parameters(), *layer.parameters()]:
                 p.copy_(torch.linspace(0.5, 1.5, p.numel(), dtype=DT).view(p.shape))
@@ -49,7 +56,7 @@ def _run(rank, init_file, norm, virtual_devices):
 
 
 @pytest.mark.parametrize("norm,virtual_devices", [("syncbn", 1), ("syncbn", 2), ("bcn", 1),
-                                                  ("bcn", 2)])
+                                                  ("bcn", 2), ("bcn_private", 2)])
 def test_cross_process_statistics_equal_whole_batch(tmp_path, norm, virtual_devices):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_run, args=(str(tmp_path / "init"), norm, virtual_devices), nprocs=WORLD)
