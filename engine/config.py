@@ -104,6 +104,16 @@ def register() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
     if not OmegaConf.has_resolver("ws_suffix"):
         OmegaConf.register_new_resolver("ws_suffix", lambda ws: "_ws" if ws else "")
+    if not OmegaConf.has_resolver("devices_for"):
+        OmegaConf.register_new_resolver("devices_for", devices_for)
+
+
+def devices_for(global_batch: int, batch_size_per_device: int) -> int:
+    """Devices needed for a fixed global batch: ${devices_for:64,${batch_size_per_device}}."""
+    if batch_size_per_device < 1 or global_batch % batch_size_per_device:
+        raise ConfigError(f"batch_size_per_device={batch_size_per_device} must divide the "
+                          f"experiment's global batch {global_batch}")
+    return global_batch // batch_size_per_device
 
 
 # ---------------------------------------------------------------- derived values

@@ -107,3 +107,50 @@ def test_impossible_norm_statistics_are_refused_before_training(monkeypatch):
                                           r"\(BatchNorm\): batch statistics over 1 value"):
         validate(make_cfg("data.root=/x", "batch_size_per_device=1"))
     validate(make_cfg("data.root=/x", "batch_size_per_device=2"))
+
+
+@pytest.mark.parametrize("launcher,target", [
+    ("parallel", "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"),
+    ("slurm", "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"),
+])
+def test_launcher_presets_compose(launcher, target):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=[f"hydra/launcher={launcher}", "trainer.devices=4"])
+    assert cfg.hydra.launcher._target_ == target
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.gpus_per_node == 4 and cfg.hydra.launcher.tasks_per_node == 1
+
+
+def _sweep_cells(experiment: str) -> list:
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="config", return_hydra_config=True,
+                      overrides=[f"experiment={experiment}"])
+    params = cfg.hydra.sweeper.params
+    return [make_cfg(f"experiment={experiment}", f"norm={n}", f"batch_size_per_device={b}")
+            for n in params.norm.split(",") for b in params.batch_size_per_device.split(",")]
+
+
+def test_microbatch_preset_keeps_the_global_batch_at_64():
+    cells = _sweep_cells("microbatch")
+    assert len(cells) == 7 * 7
+    for cfg in cells:
+        assert cfg.trainer.virtual_devices * cfg.batch_size_per_device == 64
+        assert global_batch(cfg) == 64 and cfg.trainer.accumulate == 1
+    assert {c.batch_size_per_device for c in cells} == {1, 2, 4, 8, 16, 32, 64}
+    assert {c.norm.name + ("_ws" if c.norm.ws else "") for c in cells} == {
+        "bn", "bn_ws", "gn", "gn_ws", "ln", "in", "bcn_ws"}
+    with pytest.raises(Exception, match="must divide the experiment's global batch 64"):
+        make_cfg("experiment=microbatch", "batch_size_per_device=3").trainer.virtual_devices
+
+
+def test_gn_protocol_preset_scales_the_global_batch():
+    cells = _sweep_cells("microbatch_gn_protocol")
+    assert sorted({global_batch(c) for c in cells}) == [16, 32, 64, 128, 256]
+    assert all(c.trainer.virtual_devices == 8 for c in cells)

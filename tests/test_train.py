@@ -182,3 +182,11 @@ def test_multirun_sweep_writes_one_record_per_job_and_reruns_skip(tmp_path):
     assert cells == {("bn", 16), ("bn", 32), ("gn_ws", 16), ("gn_ws", 32)}
     again = run_cli(*args, cwd=tmp_path)
     assert again.returncode == 0 and (again.stdout + again.stderr).count("nothing to do") == 4
+
+
+def test_parallel_launcher_runs_sweep_jobs_side_by_side(tmp_path):
+    res = run_cli("-m", "hydra/launcher=parallel", *TINY, "trainer.epochs=1", "norm=bn,gn",
+                  "name=par", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summaries = list((tmp_path / "multirun" / "par").glob("*/summary.json"))
+    assert sorted(json.loads(p.read_text())["norm"] for p in summaries) == ["bn", "gn"]
