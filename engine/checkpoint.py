@@ -32,10 +32,15 @@ def load(path: Path) -> dict:
     return state
 
 
+def same_run(saved: dict, current: dict) -> list[str]:
+    """Keys whose values differ. Keys only one side knows (added to the schema later, with a
+    default that keeps the old behaviour) do not count: old runs stay resumable."""
+    return [k for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
+
+
 def check_compatible(path: Path, saved: dict, current: dict) -> None:
     """The run being resumed must be the same experiment, key for key."""
-    keys = sorted(set(saved) | set(current))
-    diff = [k for k in keys if saved.get(k) != current.get(k)]
+    diff = same_run(saved, current)
     if diff:
         k = diff[0]
         raise CheckpointError(

@@ -226,7 +226,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
 
     done = record.read_summary()
     if done and done.get("status") in ("completed", "diverged") and t.resume:
-        if done.get("identity") == ident:
+        if not checkpoint.same_run(done.get("identity", {}), ident):
             log.info("%s: already %s (test_acc %.2f); nothing to do", run_dir, done["status"],
                      done.get("test_acc") or float("nan"))
             return done
