@@ -165,8 +165,9 @@ def train_epoch(net, optimizer, scheduler, batches: GlobalBatches, epoch: int, p
         if bar is not None:
             bar.update(1)
             if step % 20 == 0:
+                rate = seen * proc.world_size / max(bar.format_dict["elapsed"], 1e-9)
                 bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
-                                acc=f"{100 * correct.item() / seen:.1f}")
+                                acc=f"{100 * correct.item() / seen:.1f}", img_s=f"{rate:.0f}")
     return loss_sum, correct, torch.tensor(seen, device=proc.device)
 
 
