@@ -74,6 +74,7 @@ class TrainerConfig:
     resume: bool = True              # continue from <run dir>/checkpoints/last.pt if present
     progress: bool = True            # tqdm bar on interactive terminals
     check_every: int = 50            # steps between non-finite-loss checks (host syncs)
+    probe_every: int = 0             # Beyond-BatchNorm probes every N epochs (0: off)
     timeout_s: float = 300.0         # collective timeout: a stuck peer fails the job
 
 
@@ -160,6 +161,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("epochs", "devices", "virtual_devices", "accumulate", "check_every"):
         _require(t[key] >= 1, f"trainer.{key}", t[key], "an integer >= 1")
     _require(t.timeout_s > 0, "trainer.timeout_s", t.timeout_s, "a number > 0")
+    _require(t.probe_every >= 0, "trainer.probe_every", t.probe_every, "0 (off) or >= 1")
     _require(t.num_threads >= 0, "trainer.num_threads", t.num_threads, "0 (default) or >= 1")
     _require(t.device in DEVICES, "trainer.device", t.device, ", ".join(DEVICES))
     o = cfg.optim
@@ -198,7 +200,7 @@ def validate(cfg: DictConfig) -> None:
                             ws=cfg.norm.ws, zero_init_residual=cfg.model.zero_init_residual,
                             **norm_options(cfg))
     except ValueError as e:
-        raise ConfigError(_config_keys(str(e))) from None
+        raise ConfigError(config_keys(str(e))) from None
     configure_devices(model, t.virtual_devices)
     try:
         check_statistics(model, (cfg.batch_size_per_device, 3, 32, 32))
@@ -207,7 +209,7 @@ def validate(cfg: DictConfig) -> None:
                           f"{cfg.batch_size_per_device}: {e}") from None
 
 
-def _config_keys(message: str) -> str:
+def config_keys(message: str) -> str:
     """Speak in config keys: the norm factory says `groups=`, the user typed `norm.groups=`."""
     for key in ("groups", "channels_per_group", "eps", "momentum", "sync_stats"):
         message = message.replace(f": {key}=", f": norm.{key}=")

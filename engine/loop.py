@@ -40,8 +40,8 @@ log = logging.getLogger("microbatch")
 
 # Keys that do not change a run's mathematics: free to differ when resuming.
 NON_IDENTITY = ("logger", "trainer.progress", "trainer.num_threads", "trainer.resume",
-                "trainer.check_every", "trainer.timeout_s", "data.root", "data.cache_dir",
-                "data.download", "data.eval_batch_size")
+                "trainer.check_every", "trainer.timeout_s", "trainer.probe_every", "data.root",
+                "data.cache_dir", "data.download", "data.eval_batch_size")
 
 
 @dataclass
@@ -188,6 +188,24 @@ def evaluate(model, split, mean, std, batch_size: int, proc: Process):
     return loss / n, 100.0 * correct / n
 
 
+def probe(model, split, mean, std, virtual_devices: int, proc: Process) -> dict:
+    """Beyond-BatchNorm probes (engine.diagnostics) at the current weights, on a fixed batch of
+    test images; side-effect free. Runs on rank 0 alone, so cross-process statistics are
+    switched to this process for the measurement."""
+    from .diagnostics import measure
+
+    n = virtual_devices * max(2, math.ceil(64 / virtual_devices))  # whole device-slices
+    x, y = next(eval_batches(split, min(n, len(split)), mean, std, proc.device))
+    configure_devices(model, virtual_devices, None)
+    try:
+        m = measure(model, x, y)
+    finally:
+        configure_devices(model, virtual_devices, proc.group)
+    return {**m.summary(), "layers": [r.layer for r in m.layers],
+            "activation_var": [r.activation_var for r in m.layers],
+            "grad_norm": [r.grad_norm for r in m.layers]}
+
+
 def reduce_sum(t: torch.Tensor, proc: Process) -> torch.Tensor:
     if proc.world_size > 1:
         dist.all_reduce(t, group=proc.group)
@@ -272,13 +290,14 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
     schedule = WarmupCosine(round(cfg.optim.warmup_epochs * steps), t.epochs * steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
-    history, first_epoch, elapsed0 = [], 0, 0.0
+    history, probe_history, first_epoch, elapsed0 = [], [], 0, 0.0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         history, first_epoch, elapsed0 = state["history"], state["epoch"], state["elapsed_s"]
+        probe_history = state.get("probes", [])
         log.info("resuming %s from epoch %d", record.checkpoint, first_epoch)
 
     config_dict = OmegaConf.to_container(cfg, resolve=True)
@@ -319,13 +338,20 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
                        "images_per_sec": seen.item() / train_time,
                        "elapsed_s": time.perf_counter() - started}
             history.append(metrics)
+            if t.probe_every and (epoch + 1) % t.probe_every == 0 and proc.is_main:
+                probes = probe(model, data.test, data.mean, data.std, t.virtual_devices, proc)
+                probe_history.append({"epoch": epoch + 1, **probes})
+                tracker.log({"epoch": epoch + 1, **{f"probe/{k}": v for k, v in probes.items()
+                                                    if isinstance(v, float)}})
             if proc.is_main:
                 checkpoint.save(record.checkpoint, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                    "epoch": epoch + 1, "history": history, "elapsed_s": metrics["elapsed_s"],
-                    "identity": ident})
+                    "epoch": epoch + 1, "history": history, "probes": probe_history,
+                    "elapsed_s": metrics["elapsed_s"], "identity": ident})
                 record.write_metrics(history)
+                if probe_history:
+                    record.write_metrics(probe_history, "probes.jsonl")
             tracker.log({**metrics, "images_seen": (epoch + 1) * steps * g})
             log.info("epoch %d/%d  train loss %.4f acc %.2f | test loss %.4f acc %.2f | "
                      "%.0f img/s", epoch + 1, t.epochs, train_loss, metrics["train_acc"],

@@ -26,9 +26,10 @@ class RunRecord:
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
-    def write_metrics(self, history: list[dict]) -> None:
-        """The whole history each epoch, so the file always matches the checkpoint."""
-        _write_atomic(self.dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+    def write_metrics(self, history: list[dict], name: str = "metrics.jsonl") -> None:
+        """The whole history each epoch, so the file always matches the checkpoint
+        (metrics.jsonl; probes.jsonl for the Beyond-BatchNorm probes)."""
+        _write_atomic(self.dir / name, "".join(json.dumps(m) + "\n" for m in history))
 
     def write_summary(self, summary: dict) -> None:
         _write_atomic(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")

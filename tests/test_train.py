@@ -197,3 +197,19 @@ def test_parallel_launcher_runs_sweep_jobs_side_by_side(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     summaries = list((tmp_path / "multirun" / "par").glob("*/summary.json"))
     assert sorted(json.loads(p.read_text())["norm"] for p in summaries) == ["bn", "gn"]
+
+
+def test_probes_during_training_leave_the_run_unchanged(tmp_path):
+    base = (*TINY, "norm=bcn_ws", "trainer.virtual_devices=2", "batch_size_per_device=16")
+    plain = run(make_cfg(*base), tmp_path / "plain")
+    probed = run(make_cfg(*base, "trainer.probe_every=1"), tmp_path / "probed")
+    assert plain["test_acc"] == probed["test_acc"] and plain["train_loss"] == probed["train_loss"]
+    lines = [json.loads(x) for x in (tmp_path / "probed/probes.jsonl").read_text().splitlines()]
+    assert [p["epoch"] for p in lines] == [1, 2]
+    for p in lines:
+        assert {"var_growth", "grad_ratio", "cosine_similarity", "stable_rank"} <= set(p)
+        assert len(p["layers"]) == len(p["activation_var"]) == len(p["grad_norm"]) == 3
+        assert all(v > 0 for v in p["activation_var"])
+    a = checkpoint.load(tmp_path / "plain/checkpoints/last.pt")["model"]
+    b = checkpoint.load(tmp_path / "probed/checkpoints/last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
