@@ -77,7 +77,8 @@ def _state(path):
 
 
 def test_sigkill_mid_epoch_then_rerun_ends_bit_exactly(tmp_path):
-    args = [*TINY, "data.train_size=1024", "trainer.epochs=3", "norm=bcn_ws"]
+    epochs = 4
+    args = [*TINY, "data.train_size=1024", f"trainer.epochs={epochs}", "norm=bcn_ws"]
     ref = run_cli(*args, "hydra.run.dir=ref", cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
@@ -88,13 +89,15 @@ def test_sigkill_mid_epoch_then_rerun_ends_bit_exactly(tmp_path):
     ckpt = tmp_path / "killed" / "checkpoints" / "last.pt"
     deadline = time.time() + 240
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert ckpt.exists(), "first epoch never finished"
-    time.sleep(1.0)  # well inside epoch 2 (an epoch takes several seconds)
+    # The checkpoint is written at the end of an epoch and training goes straight on: a kill
+    # shortly after lands inside a later epoch (which one depends on the machine's speed).
+    time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert checkpoint.load(ckpt)["epoch"] == 1, "kill came too late to be mid-run"
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 1 <= checkpoint.load(ckpt)["epoch"] < epochs, "kill came too late to be mid-run"
     assert not (tmp_path / "killed" / "summary.json").exists()
 
     resumed = run_cli(*args, "hydra.run.dir=killed", cwd=tmp_path)
