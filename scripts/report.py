@@ -1,0 +1,347 @@
+"""Report a sweep: one CSV row per run, a test-error table and the GN paper's Figure 1.
+
+    python scripts/report.py RUN_DIRS... --out DIR
+    python scripts/report.py --wandb ENTITY/PROJECT --group NAME --out DIR
+
+RUN_DIRS are run directories or any folder above them (a sweep's `multirun/<name>/`): every
+summary.json below them is one finished run. Runs that have started but hold no summary.json
+(still going, or interrupted) are listed on stderr and left out. `--wandb` reads the same
+fields from a wandb project (the tracker logs the run's identity as config and the summary at
+finish), so everything after loading is one code path.
+
+Writes to DIR:
+  summary.csv         one row per run (COLUMNS below), sorted by model, depth, norm, b, seed
+  table.md            per model: test error (%) as mean ± std over seeds, norm x batch size
+                      per device (also printed)
+  error_vs_batch.png  test error vs. batch size per device, log2 axis, one line per norm
+                      (Wu & He 2018, Figure 1)
+Exit status 2, with one line, when a path does not exist or no finished run is found.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.records import RunRecord  # noqa: E402
+
+COLUMNS = ("model", "depth", "norm", "ws", "norm_label", "sync_stats", "batch_size_per_device",
+           "devices", "virtual_devices", "accumulate", "global_batch", "epochs", "seed", "data",
+           "name", "status", "epochs_completed", "test_acc", "best_test_acc", "test_error",
+           "test_loss", "train_loss", "images_per_sec", "wall_time_s", "overrides", "run_dir")
+# What engine.loop.make_summary adds to describe(); on wandb these live in run.summary.
+SUMMARY_KEYS = ("status", "test_acc", "best_test_acc", "test_loss", "train_loss",
+                "epochs_completed", "images_per_sec", "wall_time_s")
+FINISHED = ("completed", "diverged")
+RUN_FILES = ("summary.json", "metrics.jsonl", "config.yaml")  # any one: a run has started
+SKIP_DIRS = {".submitit", "wandb", "checkpoints", ".hydra"}
+NORM_ORDER = ("bn", "syncbn", "gn", "ln", "in", "bcn", "none")
+MODEL_NAMES = {"resnet": "ResNet", "vgg": "VGG"}
+MISSING = "—"
+
+
+class ReportError(Exception):
+    """A user's mistake (bad path, nothing to report): one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------- loading
+
+
+def make_row(record: dict, identity: dict, run_dir: str) -> dict:
+    """One CSV row from a run's describe() + summary fields and its flattened identity."""
+    row = {key: record.get(key) for key in COLUMNS}
+    row["sync_stats"] = identity.get("norm.sync_stats", True)
+    acc = record.get("test_acc")
+    row["test_error"] = None if acc is None else 100.0 - acc
+    row["overrides"] = " ".join(record.get("overrides") or ())
+    row["run_dir"] = run_dir
+    return row
+
+
+def find_run_dirs(root: Path) -> list[Path]:
+    """Folders at or below root holding a run record file."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        if any(name in filenames for name in RUN_FILES):
+            found.append(Path(dirpath))
+    return found
+
+
+def load_local(paths) -> tuple[list[dict], list[str]]:
+    """Rows of the finished runs below `paths`, and the run dirs that have no summary.json."""
+    rows, skipped, seen = [], [], set()
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise ReportError(f"{path}: no such directory")
+        for run_dir in find_run_dirs(path):
+            if run_dir.resolve() in seen:  # overlapping arguments (a sweep and one of its runs)
+                continue
+            seen.add(run_dir.resolve())
+            summary = RunRecord(run_dir).read_summary()
+            if summary is None or summary.get("status") not in FINISHED:
+                skipped.append(str(run_dir))
+                continue
+            rows.append(make_row(summary, summary.get("identity", {}), str(run_dir)))
+    return rows, skipped
+
+
+def load_wandb(path: str, group: str | None) -> tuple[list[dict], list[str]]:
+    """Rows of the finished wandb runs in ENTITY/PROJECT (one group), and the unfinished ones.
+
+    The tracker's config is describe() + the flat identity; run.summary holds make_summary().
+    """
+    import wandb
+
+    rows, skipped = [], []
+    try:  # runs are fetched lazily, config and summary included: all of it can hit the network
+        for run in wandb.Api().runs(path, filters={"group": group} if group else None):
+            config = dict(run.config)
+            record = {**config, **{key: run.summary.get(key) for key in SUMMARY_KEYS}}
+            if record["status"] not in FINISHED:
+                skipped.append(f"{run.name} ({run.state})")
+                continue
+            rows.append(make_row(record, config, f"wandb:{path}/{run.name}"))
+    except (wandb.errors.Error, OSError, ValueError) as e:
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ReportError(f"wandb {path}: {first_line}") from None
+    return rows, skipped
+
+
+def sort_key(row: dict) -> tuple:
+    return (row["model"], row["depth"], row["norm_label"], row["batch_size_per_device"],
+            row["seed"], not row["sync_stats"], row["run_dir"])
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# ------------------------------------------------------------------------- the statistics
+
+
+def label(row: dict) -> str:
+    """The table's row / the plot's line. sync_stats only changes BCN (its ablation)."""
+    if row["norm"] == "bcn" and not row["sync_stats"]:
+        return f"{row['norm_label']} (per-device stats)"
+    return row["norm_label"]
+
+
+def norm_rank(row: dict) -> tuple:
+    """The README's order of norms, each plain before _ws, synchronised before per-device."""
+    norm = row["norm"]
+    return (NORM_ORDER.index(norm) if norm in NORM_ORDER else len(NORM_ORDER), norm,
+            bool(row["ws"]), not row["sync_stats"])
+
+
+def group_runs(rows: list[dict]) -> dict:
+    """{(model, depth): {label: {b: [rows]}}}, models and labels in reading order."""
+    groups = {}
+    for row in sorted(rows, key=lambda r: (r["model"], r["depth"], norm_rank(r))):
+        cells = groups.setdefault((row["model"], row["depth"]), {}).setdefault(label(row), {})
+        cells.setdefault(row["batch_size_per_device"], []).append(row)
+    return groups
+
+
+def error_stats(runs: list[dict]) -> tuple[float | None, float | None, int, int]:
+    """Test error over the completed seeds: mean, std (ddof=1, None below 2), n; and how many
+    diverged, which are counted apart: their last error is not a result."""
+    errors = [r["test_error"] for r in runs
+              if r["status"] == "completed" and r["test_error"] is not None]
+    diverged = sum(r["status"] == "diverged" for r in runs)
+    mean = statistics.fmean(errors) if errors else None
+    std = statistics.stdev(errors) if len(errors) >= 2 else None
+    return mean, std, len(errors), diverged
+
+
+# -------------------------------------------------------------------------------- the table
+
+
+def model_name(model: str, depth: int) -> str:
+    return f"{MODEL_NAMES.get(model, model)}-{depth}"
+
+
+def cell(runs: list[dict]) -> str:
+    mean, std, n, diverged = error_stats(runs)
+    if n == 0:
+        return "diverged" if diverged else MISSING
+    text = f"{mean:.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" (n={n}"
+    return text + (f", {diverged} diverged)" if diverged else ")")
+
+
+def setting(by_label: dict) -> tuple[list[str], list[str]]:
+    """Epochs, global batch and data, stated once when uniform; notes for those that are not
+    (the values per row) and for a cell holding one seed twice (other settings differ)."""
+    stated, notes = [], []
+    for key, name in (("epochs", "epochs"), ("global_batch", "global batch"), ("data", "data")):
+        per_label = {lab: sorted({r[key] for runs in cells.values() for r in runs},
+                                 key=lambda v: (v is None, v))
+                     for lab, cells in by_label.items()}
+        values = {v for vs in per_label.values() for v in vs}
+        if len(values) == 1:
+            stated.append(f"{name} {values.pop()}")
+        else:
+            notes.append(f"Note: runs differ in {name}: " + "; ".join(
+                f"{lab} {', '.join(map(str, vs))}" for lab, vs in per_label.items()))
+    for lab, cells in by_label.items():
+        for b, runs in cells.items():
+            seeds = [r["seed"] for r in runs]
+            if len(seeds) != len(set(seeds)):  # e.g. two lr values in one folder
+                notes.append(f"Note: {lab} at b={b} holds {len(seeds)} runs of seeds "
+                             f"{sorted(seeds)}: runs differing in other settings are averaged")
+    return stated, notes
+
+
+def error_table(rows: list[dict]) -> str:
+    """Markdown: per (model, depth), test error (%) per norm (rows) and b (columns)."""
+    parts = []
+    for (model, depth), by_label in group_runs(rows).items():
+        bs = sorted({b for cells in by_label.values() for b in cells})
+        stated, notes = setting(by_label)
+        lines = [f"## {model_name(model, depth)}: test error (%) vs. batch size per device", "",
+                 "; ".join(filter(None, [", ".join(stated),
+                                         "mean ± std over seeds (ddof=1), n = seeds"])) + ".",
+                 "", "| norm | " + " | ".join(f"b={b}" for b in bs) + " |",
+                 "|:--|" + "--:|" * len(bs)]
+        for lab, cells in by_label.items():
+            lines.append(f"| {lab} | "
+                         + " | ".join(cell(cells[b]) if b in cells else MISSING for b in bs)
+                         + " |")
+        parts.append("\n".join(lines + ([""] + notes if notes else [])))
+    return "\n\n".join(parts) + "\n"
+
+
+# --------------------------------------------------------------------------------- the plot
+
+
+def plot_panel(ax, by_label: dict, colors: dict) -> bool:
+    """One (model, depth): a line per norm over b; True if a cell had every run diverge."""
+    marked = []
+    for lab, cells in by_label.items():
+        stats = {b: error_stats(cells[b]) for b in sorted(cells)}
+        xs = [b for b, s in stats.items() if s[2]]
+        if xs:
+            ax.plot(xs, [stats[b][0] for b in xs], marker="o", color=colors[lab])
+        bars = [b for b in xs if stats[b][1] is not None]
+        if bars:
+            ax.errorbar(bars, [stats[b][0] for b in bars], yerr=[stats[b][1] for b in bars],
+                        fmt="none", ecolor=colors[lab], capsize=3)
+        marked += [(b, colors[lab]) for b, s in stats.items() if not s[2] and s[3]]
+    if marked:
+        # Headroom first, so the crosses (placed in axes fraction) sit above every point.
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high + 0.12 * (high - low))
+        for b, color in marked:
+            ax.plot([b], [0.95], "x", color=color, markersize=9, mew=2,
+                    transform=ax.get_xaxis_transform())
+    return bool(marked)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Test error vs. b on a log2 axis, largest b first as in the GN paper's Figure 1; error
+    bars are the std over seeds; a cross at the top marks a cell where every run diverged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullLocator
+
+    groups = group_runs(rows)
+    labels = list(dict.fromkeys(lab for by_label in groups.values() for lab in by_label))
+    colors = {lab: plt.get_cmap("tab10")(i % 10) for i, lab in enumerate(labels)}
+    ncols = min(3, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols + 2.2, 4.2 * nrows),
+                             squeeze=False, layout="constrained")
+    any_diverged = False
+    for ax, ((model, depth), by_label) in zip(axes.flat, groups.items()):
+        any_diverged |= plot_panel(ax, by_label, colors)
+        bs = sorted({b for cells in by_label.values() for b in cells})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(bs, [str(b) for b in bs])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.invert_xaxis()
+        ax.set_title(f"{model_name(model, depth)}\n{', '.join(setting(by_label)[0])}",
+                     fontsize="medium")
+        ax.set_xlabel("batch size per device (images, log2 axis)")
+        ax.set_ylabel("test error (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
+    # One legend for all panels: a norm has the same colour everywhere.
+    handles = [Line2D([], [], color=colors[lab], marker="o", label=lab) for lab in labels]
+    if any_diverged:
+        handles.append(Line2D([], [], color="gray", marker="x", ls="none", mew=2,
+                              label="every seed diverged"))
+    fig.legend(handles=handles, loc="outside right center", fontsize="small", title="norm")
+    fig.suptitle("Test error vs. batch size per device (mean ± std over seeds)")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------- the CLI
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        description="Summarise finished runs: summary.csv, table.md, error_vs_batch.png.")
+    parser.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                        help="run directories or folders above them (a sweep dir)")
+    parser.add_argument("--out", required=True, type=Path, help="where to write the report")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from wandb")
+    parser.add_argument("--group", help="with --wandb: only this group (the sweep's name)")
+    args = parser.parse_args(argv)
+    if not args.runs and not args.wandb:
+        parser.error("give run directories or --wandb ENTITY/PROJECT")
+    if args.group and not args.wandb:
+        parser.error("--group needs --wandb")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        rows, skipped = load_local(args.runs)
+        wandb_rows, wandb_skipped = (load_wandb(args.wandb, args.group) if args.wandb
+                                     else ([], []))
+    except ReportError as e:
+        print(f"report: {e}", file=sys.stderr)
+        return 2
+    if skipped:
+        print(f"{len(skipped)} run{'s' * (len(skipped) != 1)} without summary.json "
+              f"(in progress or interrupted): {', '.join(skipped)}", file=sys.stderr)
+    if wandb_skipped:
+        print(f"{len(wandb_skipped)} wandb run{'s' * (len(wandb_skipped) != 1)} without a "
+              f"final status (in progress or interrupted): {', '.join(wandb_skipped)}",
+              file=sys.stderr)
+    rows = sorted(rows + wandb_rows, key=sort_key)
+    if not rows:
+        where = [*args.runs] + ([f"wandb {args.wandb}"
+                                 + (f" group {args.group}" if args.group else "")]
+                                if args.wandb else [])
+        print(f"report: no finished run (summary.json) found in {', '.join(where)}",
+              file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, args.out / "summary.csv")
+    table = error_table(rows)
+    (args.out / "table.md").write_text(table)
+    plot(rows, args.out / "error_vs_batch.png")
+    print(table, end="")
+    print(f"{len(rows)} runs -> {args.out}/summary.csv, table.md, error_vs_batch.png",
+          file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

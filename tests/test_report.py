@@ -1,0 +1,265 @@
+"""scripts/report.py: the CSV, the error table and the plot from hand-made run records (numbers
+chosen so every cell can be checked), the same report from (mocked) wandb, bad input, and one
+real sweep of train.py end to end."""
+import csv
+import importlib.util
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+_spec = importlib.util.spec_from_file_location("report", ROOT / "scripts" / "report.py")
+report = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(report)
+
+# (model, depth, norm, ws, sync_stats, b, seed, status, test_acc, epochs): a ResNet-20 sweep at a
+# fixed global batch of 64, and a VGG-16 pair trained for different numbers of epochs.
+RUNS = [
+    ("resnet", 20, "bn", False, True, 1, 0, "diverged", None, 30),
+    ("resnet", 20, "bn", False, True, 1, 1, "diverged", 12.5, 30),
+    ("resnet", 20, "bn", False, True, 2, 0, "completed", 80.0, 30),
+    ("resnet", 20, "bn", False, True, 2, 1, "completed", 78.0, 30),
+    ("resnet", 20, "bn", False, True, 4, 0, "completed", 91.25, 30),
+    ("resnet", 20, "bn", False, True, 4, 1, "diverged", 10.0, 30),
+    ("resnet", 20, "gn", False, True, 1, 0, "completed", 70.0, 30),
+    ("resnet", 20, "gn", False, True, 1, 1, "completed", 71.5, 30),
+    ("resnet", 20, "gn", False, True, 4, 0, "completed", 72.0, 30),
+    ("resnet", 20, "bcn", True, True, 1, 0, "completed", 85.0, 30),
+    ("resnet", 20, "bcn", True, False, 1, 0, "completed", 60.0, 30),
+    ("vgg", 16, "bn", False, True, 2, 0, "completed", 85.0, 10),
+    ("vgg", 16, "gn", False, True, 2, 0, "completed", 86.0, 20),
+]
+
+RESNET20_TABLE = """\
+## ResNet-20: test error (%) vs. batch size per device
+
+epochs 30, global batch 64, data cifar10; mean ± std over seeds (ddof=1), n = seeds.
+
+| norm | b=1 | b=2 | b=4 |
+|:--|--:|--:|--:|
+| bn | diverged | 21.00 ± 1.41 (n=2) | 8.75 (n=1, 1 diverged) |
+| gn | 29.25 ± 1.06 (n=2) | — | 28.00 (n=1) |
+| bcn_ws | 15.00 (n=1) | — | — |
+| bcn_ws (per-device stats) | 40.00 (n=1) | — | — |"""
+
+VGG16_TABLE = """\
+## VGG-16: test error (%) vs. batch size per device
+
+global batch 64, data cifar10; mean ± std over seeds (ddof=1), n = seeds.
+
+| norm | b=2 |
+|:--|--:|
+| bn | 15.00 (n=1) |
+| gn | 14.00 (n=1) |
+
+Note: runs differ in epochs: bn 10; gn 20"""
+
+
+def make_summary(model, depth, norm, ws, sync_stats, b, seed, status, test_acc, epochs):
+    """A summary.json as engine.loop.make_summary writes it (describe() + results + identity)."""
+    label = norm + ("_ws" if ws else "")
+    overrides = [f"model={model}", f"model.depth={depth}", f"norm={label}",
+                 f"batch_size_per_device={b}", f"seed={seed}", f"trainer.epochs={epochs}"]
+    if not sync_stats:
+        overrides.append("norm.sync_stats=false")
+    info = {"model": model, "depth": depth, "norm": norm, "ws": ws, "norm_label": label,
+            "batch_size_per_device": b, "devices": 1, "virtual_devices": 64 // b,
+            "accumulate": 1, "global_batch": 64, "epochs": epochs, "seed": seed,
+            "data": "cifar10", "name": "fake", "overrides": overrides}
+    identity = {"model.arch": model, "model.depth": depth, "norm.name": norm, "norm.ws": ws,
+                "norm.groups": 8, "norm.sync_stats": sync_stats, "optim.lr": 0.1,
+                "trainer.epochs": epochs, "trainer.virtual_devices": 64 // b,
+                "batch_size_per_device": b, "seed": seed, "name": "fake"}
+    done = epochs if status == "completed" else (0 if test_acc is None else 3)
+    return {"status": status, "test_acc": test_acc,
+            "best_test_acc": None if test_acc is None else test_acc + 0.5,
+            "test_loss": None if test_acc is None else 1.25,
+            "train_loss": None if test_acc is None else 0.75, "epochs_completed": done,
+            "images_per_sec": 1000.0 + b, "wall_time_s": 60.0 + seed, **info,
+            "identity": identity}
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """A sweep folder of finished runs, plus one in progress (metrics.jsonl, no summary)."""
+    root = tmp_path / "multirun" / "fake"
+    summaries = {}
+    for spec in RUNS:
+        s = make_summary(*spec)
+        run_dir = root / (f"{s['model']}{s['depth']}_{s['norm_label']}_b{spec[5]}_s{spec[6]}"
+                          + ("" if spec[4] else "_perdevice"))
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "summary.json").write_text(json.dumps(s))
+        (run_dir / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        summaries[str(run_dir)] = s
+    running = root / "resnet20_gn_b2_s0"
+    running.mkdir()
+    (running / "config.yaml").write_text("seed: 0\n")
+    (running / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    return root, summaries, running
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def as_csv(value):
+    """What csv.writer makes of a record value."""
+    return "" if value is None else str(value)
+
+
+def test_csv_has_one_row_per_finished_run_with_its_values(sweep, tmp_path, capsys):
+    root, summaries, running = sweep
+    assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"1 run without summary.json (in progress or interrupted): {running}" in err
+    rows = read_csv(tmp_path / "out" / "summary.csv")
+    assert len(rows) == len(RUNS) and {r["run_dir"] for r in rows} == set(summaries)
+    assert set(report.COLUMNS) <= set(rows[0])
+    for row in rows:
+        s = summaries[row["run_dir"]]
+        for key in ("model", "depth", "norm", "ws", "norm_label", "batch_size_per_device",
+                    "devices", "virtual_devices", "global_batch", "epochs", "seed", "status",
+                    "test_acc", "best_test_acc", "train_loss", "images_per_sec", "wall_time_s"):
+            assert row[key] == as_csv(s[key]), (key, row)
+        assert row["sync_stats"] == str(s["identity"]["norm.sync_stats"])
+        assert row["test_error"] == as_csv(None if s["test_acc"] is None
+                                           else 100.0 - s["test_acc"])
+        assert row["overrides"] == " ".join(s["overrides"])
+    diverged = [r for r in rows if r["status"] == "diverged"]
+    assert len(diverged) == 3 and {r["test_error"] for r in diverged} == {"", "87.5", "90.0"}
+    order = [(r["model"], int(r["depth"]), r["norm_label"], int(r["batch_size_per_device"]),
+              int(r["seed"])) for r in rows]
+    assert order == sorted(order)
+
+
+def test_table_cells_mean_std_missing_and_diverged(sweep, tmp_path, capsys):
+    root, _, _ = sweep
+    rows, skipped = report.load_local([root])
+    assert len(skipped) == 1
+    table = report.error_table(rows)
+    assert table == RESNET20_TABLE + "\n\n" + VGG16_TABLE + "\n"
+    assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out == table == (tmp_path / "out" / "table.md").read_text()
+
+
+def test_a_seed_run_twice_is_flagged(sweep):
+    root, _, _ = sweep
+    rows, _ = report.load_local([root])
+    first = next(r for r in rows if (r["norm_label"], r["batch_size_per_device"], r["seed"])
+                 == ("bn", 1, 0))
+    twice = dict(first, run_dir="elsewhere")  # e.g. the same cell at another lr
+    assert "Note: bn at b=1 holds 3 runs of seeds [0, 0, 1]" in report.error_table(rows + [twice])
+
+
+def test_plot_is_a_png(sweep, tmp_path):
+    root, _, _ = sweep
+    rows, _ = report.load_local([root])
+    path = tmp_path / "error_vs_batch.png"
+    report.plot(rows, path)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 800 and height >= 400 and len(data) > 20_000
+
+
+class FakeRun:
+    """What wandb.Api().runs() yields, as engine/tracking.py fills it: config is describe() +
+    identity, summary the last logged metrics overwritten by make_summary() minus identity."""
+
+    def __init__(self, s, name, state="finished"):
+        self.name, self.state = name, state
+        self.config = {**{k: s[k] for k in report.COLUMNS if k in s and k not in
+                          report.SUMMARY_KEYS}, **s["identity"]}
+        logged = {"epoch": s["epochs_completed"], "lr": 0.0, "train_acc": 50.0, "_step": 3}
+        self.summary = {**logged, **{k: v for k, v in s.items() if k != "identity"}}
+
+
+def fake_api(monkeypatch, runs=(), error=None):
+    import wandb
+
+    calls = []
+
+    class Api:
+        def runs(self, path, filters=None):
+            calls.append((path, filters))
+            if error:
+                raise error
+            return iter(runs)
+    monkeypatch.setattr(wandb, "Api", Api)
+    return calls
+
+
+def test_wandb_runs_give_the_same_csv_as_local_records(sweep, tmp_path, monkeypatch, capsys):
+    root, summaries, _ = sweep
+    running = FakeRun(make_summary(*RUNS[0]), "resnet20_gn_b2_s0", state="running")
+    running.summary = {"epoch": 2, "test_acc": 40.0}
+    runs = [FakeRun(s, Path(run_dir).name) for run_dir, s in summaries.items()]
+    calls = fake_api(monkeypatch, runs + [running])
+    assert report.main(["--wandb", "me/microbatch", "--group", "fake",
+                        "--out", str(tmp_path / "wb")]) == 0
+    assert calls == [("me/microbatch", {"group": "fake"})]
+    assert "1 wandb run without a final status (in progress or interrupted)" in \
+        capsys.readouterr().err
+    assert report.main([str(root), "--out", str(tmp_path / "local")]) == 0
+    local, remote = (read_csv(tmp_path / d / "summary.csv") for d in ("local", "wb"))
+    assert all(r["run_dir"].startswith("wandb:me/microbatch/") for r in remote)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "run_dir"} for r in rows]  # noqa
+    assert drop(remote) == drop(local)
+    assert (tmp_path / "wb" / "table.md").read_text() == (tmp_path / "local" / "table.md") \
+        .read_text()
+
+
+def test_wandb_error_is_one_line(tmp_path, monkeypatch, capsys):
+    import wandb
+
+    fake_api(monkeypatch, error=wandb.errors.UsageError("api_key not configured\n(details)"))
+    assert report.main(["--wandb", "me/p", "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == "report: wandb me/p: api_key not configured\n"
+
+
+def test_no_runs_or_bad_path_exit_2_with_one_line(sweep, tmp_path, capsys):
+    _, _, running = sweep
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report.main([str(empty), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"report: no finished run (summary.json) found in {empty}\n"
+    assert report.main([str(running), "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("report: no finished run")
+    assert not (tmp_path / "out").exists()
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"),
+                          str(tmp_path / "missing"), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr == f"report: {tmp_path / 'missing'}: no such directory\n"
+
+
+def test_report_on_a_real_train_py_sweep(tmp_path):
+    res = run_cli("-m", "data=synthetic", "data.train_size=256", "data.test_size=64",
+                  "model.depth=8", "trainer.epochs=1", "logger.mode=disabled",
+                  "trainer.num_threads=1", "trainer.device=cpu", "norm=bn,gn",
+                  "batch_size_per_device=16", "name=rep", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    sweep_dir = tmp_path / "multirun" / "rep"
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(sweep_dir),
+                          "--out", str(tmp_path / "report")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = read_csv(tmp_path / "report" / "summary.csv")
+    assert [(r["norm_label"], r["status"]) for r in rows] == [("bn", "completed"),
+                                                             ("gn", "completed")]
+    for row in rows:
+        s = json.loads((Path(row["run_dir"]) / "summary.json").read_text())
+        assert row["test_acc"] == str(s["test_acc"])
+        assert float(row["test_error"]) == pytest.approx(100 - s["test_acc"])
+        assert row["overrides"] == " ".join(s["overrides"])
+    err = 100 - s["test_acc"]  # gn's, the table's last row
+    assert f"| gn | {err:.2f} (n=1) |" in out.stdout
+    assert "ResNet-8" in out.stdout and "epochs 1, global batch 16, data synthetic" in out.stdout
+    assert (tmp_path / "report" / "error_vs_batch.png").stat().st_size > 10_000
