@@ -10,7 +10,7 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from engine.checkpoint import CheckpointError
 from engine.config import ConfigError, register, validate
@@ -25,7 +25,8 @@ def main(cfg: DictConfig) -> dict | None:
     from engine.loop import run
 
     hc = HydraConfig.get()
-    run_dir, overrides = hc.runtime.output_dir, list(hc.overrides.task)
+    run_dir = hc.runtime.output_dir
+    overrides = OmegaConf.to_container(hc.overrides.task)  # as typed, not resolved
     world = distributed.world_size_from_env()
     try:
         if world > 1:  # torchrun: the launcher decides the number of processes

@@ -7,11 +7,13 @@ model is built, raising ConfigError with one line: the key, the value and what i
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 DATASETS = ("cifar10", "cifar100", "synthetic")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
@@ -109,12 +111,14 @@ def register() -> None:
         OmegaConf.register_new_resolver("devices_for", devices_for)
 
 
-def devices_for(global_batch: int, batch_size_per_device: int) -> int:
-    """Devices needed for a fixed global batch: ${devices_for:64,${batch_size_per_device}}."""
-    if batch_size_per_device < 1 or global_batch % batch_size_per_device:
-        raise ConfigError(f"batch_size_per_device={batch_size_per_device} must divide the "
-                          f"experiment's global batch {global_batch}")
-    return global_batch // batch_size_per_device
+def devices_for(global_batch: int, batch_size_per_device: int, devices: int = 1) -> int:
+    """Virtual devices per process that keep the global batch fixed when b and the number of
+    real devices vary: ${devices_for:64,${batch_size_per_device},${trainer.devices}}."""
+    per_process = batch_size_per_device * devices
+    if batch_size_per_device < 1 or devices < 1 or global_batch % per_process:
+        raise ConfigError(f"batch_size_per_device={batch_size_per_device} x trainer.devices="
+                          f"{devices} must divide the experiment's global batch {global_batch}")
+    return global_batch // per_process
 
 
 # ---------------------------------------------------------------- derived values
@@ -155,6 +159,7 @@ def validate(cfg: DictConfig) -> None:
     from models import build_model, check_depth  # engine -> models, never the reverse
     from norms import check_statistics, configure_devices
 
+    resolve(cfg)
     _require(cfg.batch_size_per_device >= 1, "batch_size_per_device", cfg.batch_size_per_device,
              "an integer >= 1")
     t = cfg.trainer
@@ -207,6 +212,17 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"norm.name={cfg.norm.name!r} at batch_size_per_device="
                           f"{cfg.batch_size_per_device}: {e}") from None
+
+
+def resolve(cfg: DictConfig) -> None:
+    """Resolve every interpolation now, so a resolver's complaint (e.g. devices_for) is one
+    line naming the key instead of a traceback from wherever the value is first read."""
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as e:
+        reason = re.sub(r"^\w+ raised while resolving interpolation: ", "",
+                        str(e).splitlines()[0])
+        raise ConfigError(f"{e.full_key}: {reason}") from None
 
 
 def config_keys(message: str) -> str:

@@ -150,6 +150,26 @@ def test_microbatch_preset_keeps_the_global_batch_at_64():
         make_cfg("experiment=microbatch", "batch_size_per_device=3").trainer.virtual_devices
 
 
+@pytest.mark.parametrize("devices", [1, 2, 8])
+def test_microbatch_full_keeps_the_cells_on_the_long_schedule(devices):
+    cells = [make_cfg("experiment=microbatch_full", f"batch_size_per_device={b}",
+                      f"trainer.devices={devices}") for b in (1, 2, 4, 8)]
+    for cfg in cells:  # real devices take their share of the 64 device-slices
+        assert cfg.trainer.virtual_devices * devices * cfg.batch_size_per_device == 64
+        assert global_batch(cfg) == 64
+        assert (cfg.trainer.epochs, cfg.data.train_subset, cfg.name) == (200, 0,
+                                                                         "microbatch_full")
+
+
+def test_resolver_errors_are_one_line_naming_the_key():
+    cfg = make_cfg("experiment=microbatch", "batch_size_per_device=64", "trainer.devices=2",
+                   "data=synthetic")
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value) == ("trainer.virtual_devices: batch_size_per_device=64 x "
+                            "trainer.devices=2 must divide the experiment's global batch 64")
+
+
 def test_gn_protocol_preset_scales_the_global_batch():
     cells = _sweep_cells("microbatch_gn_protocol")
     assert sorted({global_batch(c) for c in cells}) == [16, 32, 64, 128, 256]
