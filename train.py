@@ -7,6 +7,7 @@ process arrives here and joins the group torchrun set up.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -56,4 +57,10 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 if __name__ == "__main__":
+    from engine.cli import composition_error
+
+    error = composition_error(sys.argv[1:], Path(__file__).parent / "configs", "config")
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
     main()

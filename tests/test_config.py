@@ -174,3 +174,21 @@ def test_gn_protocol_preset_scales_the_global_batch():
     cells = _sweep_cells("microbatch_gn_protocol")
     assert sorted({global_batch(c) for c in cells}) == [16, 32, 64, 128, 256]
     assert all(c.trainer.virtual_devices == 8 for c in cells)
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["-m", "norm=bn,gn", "batch_size_per_device=1,2"], ["hydra/launcher=parallel", "-m"],
+    ["experiment=microbatch", "hydra.run.dir=/tmp/x"], ["+extra=1"], ["--help"],
+    ["--cfg", "job", "nonsense=1"],  # Hydra's own flags: Hydra answers
+])
+def test_composition_preflight_passes_what_hydra_accepts(argv):
+    from conftest import ROOT
+    from engine.cli import composition_error
+    assert composition_error(argv, ROOT / "configs", "config") is None
+
+
+def test_composition_preflight_checks_every_sweep_value():
+    from conftest import ROOT
+    from engine.cli import composition_error
+    error = composition_error(["-m", "model.depth=20,x"], ROOT / "configs", "config")
+    assert error == "model.depth: Value 'x' of type 'str' could not be converted to Integer"

@@ -305,3 +305,8 @@ def test_app_bad_input_is_one_line_and_exit_2(tmp_path):
         "bcn, none (each also <norm>_ws)"]
     assert "Traceback" not in res.stdout + res.stderr
     assert not (tmp_path / "run" / "diagnostics.csv").exists()
+    res = _run_app("data=synthetic", "diagnose.seed=3", cwd=tmp_path)  # a misspelled key
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "error: diagnose.seed: unknown key 'seed'; allowed in diagnose: norms, seeds, batches, "
+        "batch_size, groups, plots"]
