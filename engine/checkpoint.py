@@ -8,7 +8,13 @@ import torch
 
 
 class CheckpointError(ValueError):
-    """An unreadable or incompatible checkpoint; str() is one line naming the file."""
+    """An unreadable or incompatible run state (checkpoint, summary); str() is one line naming
+    the file."""
+
+
+# What engine.loop.run saves and needs to resume.
+KEYS = frozenset({"model", "optimizer", "scheduler", "rng", "epoch", "history", "elapsed_s",
+                  "identity"})
 
 
 def save(path: Path, state: dict) -> None:
@@ -26,9 +32,11 @@ def load(path: Path) -> dict:
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
             "; move it away to start over, or set hydra.run.dir to another folder") from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "epoch", "identity"} <= set(state):
+    missing = sorted(KEYS - set(state)) if isinstance(state, dict) else sorted(KEYS)
+    if missing or not state["identity"]:
         raise CheckpointError(f"checkpoint {path} is not a run checkpoint of this project "
-                              "(missing model/optimizer/epoch/identity)")
+                              f"(missing {', '.join(missing) or 'identity'}); move it away to "
+                              "start over, or set hydra.run.dir to another folder")
     return state
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from .checkpoint import CheckpointError
+
 
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -36,7 +38,17 @@ class RunRecord:
 
     def read_summary(self) -> dict | None:
         path = self.dir / "summary.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            summary = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            summary = e
+        if not isinstance(summary, dict):
+            raise CheckpointError(f"{path} is not a run summary (a truncated or edited file?); "
+                                  "move it away to resume from the checkpoint, or set "
+                                  "hydra.run.dir to another folder")
+        return summary
 
     def read_metrics(self) -> list[dict]:
         path = self.dir / "metrics.jsonl"

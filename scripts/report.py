@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.checkpoint import CheckpointError  # noqa: E402
 from engine.records import RunRecord  # noqa: E402
 
 COLUMNS = ("model", "depth", "norm", "ws", "norm_label", "sync_stats", "batch_size_per_device",
@@ -84,7 +85,11 @@ def load_local(paths) -> tuple[list[dict], list[str]]:
             if run_dir.resolve() in seen:  # overlapping arguments (a sweep and one of its runs)
                 continue
             seen.add(run_dir.resolve())
-            summary = RunRecord(run_dir).read_summary()
+            try:
+                summary = RunRecord(run_dir).read_summary()
+            except CheckpointError as e:  # a damaged summary.json: report the rest
+                print(f"report: skipping {e}", file=sys.stderr)
+                summary = None
             if summary is None or summary.get("status") not in FINISHED:
                 skipped.append(str(run_dir))
                 continue

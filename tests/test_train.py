@@ -126,6 +126,32 @@ def test_corrupt_checkpoint_is_one_clear_error_and_kept(tmp_path):
     assert ckpt.read_bytes() == b"not a checkpoint"
 
 
+@pytest.mark.parametrize("damage", ["checkpoint without scheduler", "empty identity",
+                                    "truncated summary"])
+def test_damaged_run_state_is_one_clear_error_naming_the_file(tmp_path, damage):
+    cfg = make_cfg(*TINY, "trainer.epochs=1")
+    run(cfg, tmp_path / "run")
+    ckpt, summary = tmp_path / "run/checkpoints/last.pt", tmp_path / "run/summary.json"
+    if damage == "truncated summary":
+        summary.write_text(summary.read_text()[:40])
+        name = summary
+    else:
+        summary.unlink()  # an interrupted run: the checkpoint is read
+        state = checkpoint.load(ckpt)
+        if damage == "empty identity":
+            state["identity"] = {}
+        else:
+            del state["scheduler"]
+        torch.save(state, ckpt)
+        name = ckpt
+    before = name.read_bytes()
+    res = run_cli(*TINY, "trainer.epochs=1", "hydra.run.dir=run", cwd=tmp_path)
+    errors = res.stderr.strip().splitlines()
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
+    assert str(name.name) in errors[0] and "Traceback" not in res.stdout, errors[0]
+    assert name.read_bytes() == before, "never silently overwritten"
+
+
 def test_checkpoint_of_another_config_is_refused(tmp_path):
     run(make_cfg(*TINY, "trainer.epochs=1", "trainer.resume=true"), tmp_path)
     (tmp_path / "summary.json").unlink()  # pretend it was interrupted
@@ -135,20 +161,27 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["batch_size_per_device=0"], "batch_size_per_device=0 is invalid"),
-    (["batch_size_per_device=abc"], "batch_size_per_device"),
-    (["trainer.epoch=3"], "trainer.epoch"),
-    (["norm=batchnorm"], "norm"),
+    (["batch_size_per_device=abc"], "batch_size_per_device: Value 'abc'"),
+    (["batch_size_per_device=2.5"], "batch_size_per_device: Value '2.5'"),
+    (["trainer.epoch=3"], "trainer.epoch: unknown key 'epoch'; allowed in trainer: epochs,"),
+    (["foo=1"], "foo: unknown key 'foo'; allowed at the top level: model, norm,"),
+    (["norm=batchnorm"], "norm=batchnorm is unknown; allowed: bcn, bcn_ws, bn,"),
+    (["model=densenet"], "model=densenet is unknown; allowed: resnet, vgg"),
+    (["-m", "norm=bn,gnn"], "norm=gnn is unknown; allowed:"),
     (["model.depth=19"], "model.depth=19 is not a valid resnet depth"),
     (["norm=gn", "norm.groups=5"], "norm.groups=5 does not divide"),
+    (["optim.lr=-1"], "optim.lr=-1.0 is invalid"),
+    (["seed=${oc.env:MICROBATCH_UNSET_VARIABLE}"], "seed: "),
     (["data=cifar10", "data.root=/does/not/exist", "data.download=false"], "data.root"),
     (["data=cifar10", "data.root=/does/not/exist", "data.download=true"], "data.download"),
 ])
 def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, needle):
     res = run_cli(*TINY, *args, cwd=tmp_path, timeout=120)
-    out = res.stdout + res.stderr
-    assert res.returncode != 0
-    assert needle in out, out[-2000:]
-    assert "Traceback" not in out
+    assert res.returncode == 2, res.stdout[-1000:] + res.stderr[-2000:]
+    errors = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), res.stderr[-2000:]
+    assert needle in errors[0], errors[0]
+    assert "Traceback" not in res.stdout + res.stderr
     assert not list(tmp_path.rglob("last.pt")), "nothing may be trained"
 
 
