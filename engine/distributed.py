@@ -12,6 +12,7 @@ job exits non-zero instead of hanging; re-running the command resumes from the c
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import sys
 import uuid
@@ -19,11 +20,13 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 from omegaconf import OmegaConf
 
 from .loop import Process, pick_device
 
 log = logging.getLogger("microbatch")
+_STANDARD_METHODS = ("spawn", "fork", "forkserver")
 
 
 def world_size_from_env() -> int:
@@ -43,8 +46,14 @@ def init_process(device: str, timeout_s: float) -> Process:
     elif not os.environ.get("OMP_NUM_THREADS"):
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    timeout = timedelta(seconds=timeout_s)
+    store, rank, world = next(rendezvous("env://", timeout=timeout))
+    # torchrun's agent keeps one store across --max-restarts, so the workers of a restarted
+    # attempt would read the dead attempt's addresses and hang; give each attempt its own keys.
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                            timeout=timedelta(seconds=timeout_s),
+                            store=dist.PrefixStore(f"microbatch/attempt_{attempt}", store),
+                            rank=rank, world_size=world, timeout=timeout,
                             device_id=dev if dev.type == "cuda" else None)
     if rank != 0:  # one voice: rank 0 logs, shows progress, writes the record
         logging.getLogger().setLevel(logging.WARNING)
@@ -60,6 +69,10 @@ def self_launch(cfg, run_dir: str, overrides: list[str]) -> dict:
     """Run `cfg` on trainer.devices local worker processes; returns rank 0's summary."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # Inside a joblib sweep job (hydra/launcher=parallel) the process-wide start method is
+    # loky's, which a spawned worker cannot re-create; give the workers the standard one.
+    if multiprocessing.get_start_method(allow_none=True) not in (None, *_STANDARD_METHODS):
+        multiprocessing.set_start_method("spawn", force=True)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=cfg.trainer.devices,
                           run_id=uuid.uuid4().hex, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,

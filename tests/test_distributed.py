@@ -72,9 +72,11 @@ def test_accumulation_gives_the_same_training_losses(tmp_path, norm):
                     train_only=norm == "bn")
 
 
-def test_multirun_whose_jobs_are_ddp(tmp_path):
+@pytest.mark.parametrize("launcher", ["basic", "parallel"])
+def test_multirun_whose_jobs_are_ddp(tmp_path, launcher):
+    # parallel: two DDP jobs at once, each with its own rendezvous on a free port.
     res = run_cli("-m", *SMALL, "trainer.epochs=1", "norm=bn,gn", "trainer.devices=2",
-                  "name=ddpsweep", cwd=tmp_path)
+                  f"hydra/launcher={launcher}", "name=ddpsweep", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     summaries = [json.loads(p.read_text())
                  for p in (tmp_path / "multirun" / "ddpsweep").glob("*/summary.json")]
@@ -98,15 +100,16 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _workers(pid: int) -> list[int]:
-    """The job's worker processes: multiprocessing-spawned children, not its helpers."""
+def _workers(pid: int, marker: bytes = b"spawn_main") -> list[int]:
+    """The job's worker processes (self-launch: multiprocessing-spawned children; torchrun:
+    the train.py processes), not its helpers."""
     out = []
     for p in _descendants(pid):
         try:
             cmd = Path(f"/proc/{p}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"spawn_main" in cmd:
+        if marker in cmd:
             out.append(p)
     return sorted(out)
 
@@ -141,3 +144,31 @@ def test_killed_worker_fails_the_job_fast_and_rerun_resumes(tmp_path):
     assert "resuming" in again.stdout + again.stderr
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs_completed"] == 4
+
+
+def test_torchrun_max_restarts_resumes_after_a_killed_worker(tmp_path):
+    args = [*TINY, "batch_size_per_device=16", "data.train_size=2048", "trainer.epochs=4",
+            "hydra.run.dir=job"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.5",
+                            str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt = tmp_path / "job" / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.1)
+    assert ckpt.exists(), "first epoch never finished"
+    workers = _workers(job.pid, marker=b"train.py")
+    assert len(workers) == 2, workers
+    os.kill(workers[-1], signal.SIGKILL)
+    try:
+        out, _ = job.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail("torchrun did not restart and finish the job")
+    assert job.returncode == 0, out[-3000:]
+    assert "resuming" in out
+    summary = json.loads((tmp_path / "job" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 4
+    assert summary["devices"] == 2
