@@ -32,6 +32,16 @@ def resolve_mode(mode: str) -> str:
     return "offline"
 
 
+def default_tags(config: dict) -> list[str]:
+    """Filters for the wandb dashboard: model, norm and batch per device, e.g. resnet20,
+    bcn_ws, b1 (logger.tags adds more)."""
+    keys = ("model", "depth", "norm_label", "batch_size_per_device")
+    if not all(k in config for k in keys):
+        return []
+    return [f"{config['model']}{config['depth']}", config["norm_label"],
+            f"b{config['batch_size_per_device']}"]
+
+
 class Tracker:
     """wandb.run wrapper; a no-op when disabled or not on rank 0."""
 
@@ -46,7 +56,7 @@ class Tracker:
         run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
         self.run = wandb.init(
             project=logger_cfg.project, entity=logger_cfg.entity, group=group,
-            tags=list(logger_cfg.tags), config=config, dir=str(run_dir), mode=mode,
+            tags=[*logger_cfg.tags, *default_tags(config)], config=config, dir=str(run_dir), mode=mode,
             id=run_id, resume="allow", name=Path(run_dir).name, reinit="finish_previous",
             settings=wandb.Settings(console="off", quiet=True))
         self.run.define_metric("epoch")

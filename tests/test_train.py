@@ -194,7 +194,8 @@ def test_wandb_offline_record(tmp_path):
     assert len(runs) == 1
     # The offline log is wandb's binary record stream; keys and names are stored verbatim.
     log = next(runs[0].glob("run-*.wandb"))
-    needles = (b"global_batch", b"norm_label", b"test_acc", b"images_seen", b"wb")
+    needles = (b"global_batch", b"norm_label", b"test_acc", b"images_seen", b"wb",
+               b"resnet8")  # a default tag (model + depth); the config keeps them apart
     deadline = time.time() + 30  # on a loaded machine the service may still be flushing
     while not all(n in log.read_bytes() for n in needles) and time.time() < deadline:
         time.sleep(0.5)
