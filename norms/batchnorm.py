@@ -92,6 +92,7 @@ class BatchNorm(DeviceAware, nn.BatchNorm2d):
         """
         group, world = self.process_group, self.world_size()
         rank = torch.distributed.get_rank(group)
+        x = x.to(self.running_mean.dtype)  # statistics in the buffers' precision under autocast
         dims = [0, *range(2, x.dim())]
         var_l, mean_l = torch.var_mean(x, dims, correction=0)
         count_l = torch.full_like(mean_l, x.numel() // x.shape[1])

@@ -15,7 +15,7 @@ then, in training as in eval, with no gradient through the estimates:
 
 Because mean((x - mu_hat)^2) is taken around a constant, the update is linear in the data:
 averaging per-device updates equals the update from the global batch, so synchronising costs one
-all-reduce of per-channel sums.
+all-reduce of per-channel statistics (every process holds the same number of images).
 
 With `sync_stats=False` (the ablation) every device keeps private estimates, updated from its
 own batch and used to normalise it: buffers of shape [devices, C], identical in every process
@@ -71,18 +71,21 @@ class EstimatedBatchNorm(DeviceAware, nn.Module):
         return buf.view(-1, self.num_channels)[self.rank() * k:(self.rank() + 1) * k]
 
     @torch.no_grad()
-    def update_estimates(self, xs: torch.Tensor) -> None:
-        """xs: [S, n, C, *], S slices each with its own row of estimates."""
+    def update_estimates(self, xt: torch.Tensor) -> None:
+        """xt: [n, S*C, *], the S slices' channels side by side, each slice with its own row."""
         mu, var = self._rows(self.mu_hat), self._rows(self.var_hat)
-        dims = [1, *range(3, xs.dim())]
-        centred = xs - mu.view(mu.shape[0], 1, -1, *(1,) * (xs.dim() - 3))
-        sums = torch.stack([xs.sum(dims), centred.square().sum(dims)])  # [2, S, C]
-        count = xs[0].numel() // self.num_channels
+        xt = xt.to(mu.dtype)  # statistics in the buffers' precision (fp32 under autocast)
+        dims = [0, *range(2, xt.dim())]
+        mean = xt.mean(dims).view_as(mu)
+        # around the estimate before this update
+        sq = (xt - mu.view(1, -1, *(1,) * (xt.dim() - 2))).square_().mean(dims).view_as(mu)
         world = self.world_size()
         if self.sync_stats and world > 1:
-            dist.all_reduce(sums, group=self.process_group)
-            count *= world  # every process holds the same number of images
-        mean, sq = (sums / count).to(mu.dtype)
+            # Every process holds the same number of images: the global batch's values are the
+            # mean of the processes' values.
+            stats = torch.stack([mean, sq])
+            dist.all_reduce(stats, group=self.process_group)
+            mean, sq = stats / world
         mu.lerp_(mean, self.momentum)
         var.lerp_(sq, self.momentum)
         if not self.sync_stats and world > 1:
@@ -92,18 +95,21 @@ class EstimatedBatchNorm(DeviceAware, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slices = self.virtual_devices if self.training and not self.sync_stats else 1
-        xs = x.unflatten(0, (slices, -1))
+        c = self.num_channels
+        # Private estimates: slice s's channel c becomes channel s*C + c (as norms/batchnorm.py),
+        # so per-device estimates are per-channel ones.
+        xt = x if slices == 1 else x.unflatten(0, (slices, -1)).transpose(0, 1).flatten(1, 2)
         if self.training:
-            self.update_estimates(xs)
+            self.update_estimates(xt)
             mu, var = self._rows(self.mu_hat), self._rows(self.var_hat)
         else:  # eval: the devices' average estimates
-            mu, var = (b.view(-1, self.num_channels).mean(0, keepdim=True)
-                       for b in (self.mu_hat, self.var_hat))
-        # Constant estimates make this a per-channel affine map: one fused multiply-add.
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        shift = self.bias - mu * scale
-        shape = (slices, 1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(shift.view(shape), xs, scale.view(shape)).flatten(0, 1)
+            mu, var = (b.view(-1, c).mean(0) for b in (self.mu_hat, self.var_hat))
+        # Constant estimates make this BN's eval-mode map: one native batch_norm, no gradient
+        # through the estimates, and a backward that is one fused kernel.
+        weight, bias = (self.weight, self.bias) if slices == 1 else (
+            self.weight.repeat(slices), self.bias.repeat(slices))
+        y = F.batch_norm(xt, mu.flatten(), var.flatten(), weight, bias, False, 0.0, self.eps)
+        return y if slices == 1 else y.unflatten(1, (slices, c)).transpose(0, 1).flatten(0, 1)
 
 
 class BatchChannelNorm(nn.Module):
@@ -116,6 +122,9 @@ class BatchChannelNorm(nn.Module):
         self.estimated_bn = EstimatedBatchNorm(num_channels, momentum, eps, sync_stats)
         self.weight = nn.Parameter(torch.ones(groups))   # gamma_g
         self.bias = nn.Parameter(torch.zeros(groups))    # beta_g
+        # channel -> its group: expands the group affine per channel with one gather
+        self.register_buffer("group_of_channel", torch.arange(groups).repeat_interleave(
+            num_channels // groups), persistent=False)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, groups={self.groups}, eps={self.eps}"
@@ -128,8 +137,7 @@ class BatchChannelNorm(nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        per_group = self.num_channels // self.groups
         # The per-group affine, expanded per channel, lets one native group_norm do it all.
-        return F.group_norm(self.estimated_bn(x), self.groups,
-                            self.weight.repeat_interleave(per_group),
-                            self.bias.repeat_interleave(per_group), self.eps)
+        g = self.group_of_channel
+        return F.group_norm(self.estimated_bn(x), self.groups, self.weight.index_select(0, g),
+                            self.bias.index_select(0, g), self.eps)
