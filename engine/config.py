@@ -7,7 +7,9 @@ model is built, raising ConfigError with one line: the key, the value and what i
 """
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -18,6 +20,7 @@ from omegaconf.errors import InterpolationResolutionError
 DATASETS = ("cifar10", "cifar100", "synthetic")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class ConfigError(ValueError):
@@ -78,6 +81,10 @@ class TrainerConfig:
     check_every: int = 50            # steps between non-finite-loss checks (host syncs)
     probe_every: int = 0             # Beyond-BatchNorm probes every N epochs (0: off)
     timeout_s: float = 300.0         # collective timeout: a stuck peer fails the job
+    precision: str = "fp32"          # fp32 | bf16 (autocast) | fp16 (autocast + GradScaler, CUDA)
+    channels_last: bool = False      # NHWC activations and conv weights
+    compile: bool = False            # torch.compile the training forward (inductor)
+    cuda_graphs: bool = False        # CUDA: capture a step's forward+backward, replay it
 
 
 @dataclass
@@ -192,6 +199,7 @@ def validate(cfg: DictConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("trainer.device='cuda' but no CUDA device is visible; "
                               "allowed here: auto, cpu")
+    validate_fast_paths(cfg)
 
     if cfg.logger.mode == "online":
         from .tracking import has_credentials
@@ -223,6 +231,52 @@ def resolve(cfg: DictConfig) -> None:
         reason = re.sub(r"^\w+ raised while resolving interpolation: ", "",
                         str(e).splitlines()[0])
         raise ConfigError(f"{e.full_key}: {reason}") from None
+
+
+def validate_fast_paths(cfg) -> None:
+    """trainer.precision, compile and cuda_graphs against the device and each other."""
+    import torch
+
+    t = cfg.trainer
+    _require(t.precision in PRECISIONS, "trainer.precision", t.precision, ", ".join(PRECISIONS))
+    cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if t.precision == "fp16" and not cuda:
+        raise ConfigError("trainer.precision='fp16' needs CUDA (autocast with a GradScaler); "
+                          "allowed on CPU: fp32, bf16")
+    if t.precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise ConfigError("trainer.precision='bf16' but this GPU has no bf16 support; "
+                          "allowed here: fp32, fp16")
+    if t.compile and not cuda and not cxx_compiler():
+        raise ConfigError("trainer.compile=true on CPU needs a C++ compiler for torch.compile's "
+                          "inductor backend (g++ or clang++, or $CXX); install one or use "
+                          "trainer.compile=false")
+    if not t.cuda_graphs:
+        return
+    if not cuda:
+        raise ConfigError("trainer.cuda_graphs=true needs CUDA (trainer.device=cuda or auto with "
+                          "a visible GPU); allowed here: false")
+    for ok, key, value, allowed in (
+            (t.devices == 1, "trainer.devices", t.devices,
+             "1 with trainer.cuda_graphs=true (DDP's gradient hooks cannot be captured)"),
+            (not t.compile, "trainer.compile", t.compile,
+             "false with trainer.cuda_graphs=true (use one: compile's mode=reduce-overhead "
+             "captures graphs itself)"),
+            (t.precision != "fp16", "trainer.precision", t.precision,
+             "fp32 or bf16 with trainer.cuda_graphs=true (fp16's GradScaler checks for inf on "
+             "the host)"),
+            (cfg.norm.momentum is not None or cfg.norm.name not in ("bn", "syncbn"),
+             "norm.momentum", cfg.norm.momentum,
+             "a number in (0, 1] with trainer.cuda_graphs=true (momentum=None reads the batch "
+             "count on the host)")):
+        _require(ok, key, value, allowed)
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would use on CPU, if any."""
+    for name in (os.environ.get("CXX"), "g++", "clang++", "c++"):
+        if name and shutil.which(name):
+            return name
+    return None
 
 
 def config_keys(message: str) -> str:

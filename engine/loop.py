@@ -17,7 +17,9 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,10 +40,16 @@ from .tracking import Tracker
 
 log = logging.getLogger("microbatch")
 
-# Keys that do not change a run's mathematics: free to differ when resuming.
+# Keys that do not change a run's mathematics: free to differ when resuming. The execution
+# strategies (memory layout, torch.compile, CUDA graphs) run the same operations on the same
+# numbers and differ only in summation order, as thread counts do; trainer.precision changes
+# the numbers themselves (bf16 keeps 8 bits of mantissa), so it is part of the identity.
 NON_IDENTITY = ("logger", "trainer.progress", "trainer.num_threads", "trainer.resume",
                 "trainer.check_every", "trainer.timeout_s", "trainer.probe_every", "data.root",
-                "data.cache_dir", "data.download", "data.eval_batch_size")
+                "data.cache_dir", "data.download", "data.eval_batch_size",
+                "trainer.channels_last", "trainer.compile", "trainer.cuda_graphs")
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -134,51 +142,161 @@ def seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------- steps
 
 
+@dataclass
+class Step:
+    """How one optimizer step runs: what trainer.* chooses beyond the maths (engine/config.py).
+
+    accumulate: chunks per step. ddp: skip DDP's gradient all-reduce on all chunks but the last.
+    autocast: the forward's precision context. scaler: fp16's GradScaler. memory_format: the
+    input layout (channels_last with a channels_last model). cuda_graphs: capture the forward
+    and backward once, replay them every step (CapturedForwardBackward).
+    """
+    accumulate: int = 1
+    ddp: bool = False
+    autocast: Callable = nullcontext
+    scaler: torch.amp.GradScaler | None = None
+    memory_format: torch.memory_format = torch.contiguous_format
+    cuda_graphs: bool = False
+    captured: "CapturedForwardBackward | None" = None
+
+    @classmethod
+    def from_config(cls, t, proc: Process) -> "Step":
+        dtype = PRECISIONS[t.precision]
+        return cls(accumulate=t.accumulate, ddp=proc.world_size > 1,
+                   # Graph capture needs autocast's weight-cast cache off (its casts are replayed).
+                   autocast=(partial(torch.autocast, proc.device.type, dtype=dtype,
+                                     cache_enabled=not t.cuda_graphs) if dtype else nullcontext),
+                   scaler=torch.amp.GradScaler(proc.device.type) if t.precision == "fp16"
+                   else None,
+                   memory_format=torch.channels_last if t.channels_last
+                   else torch.contiguous_format,
+                   cuda_graphs=t.cuda_graphs)
+
+
+def forward_backward(net, x, y, sums, step: Step) -> None:
+    """Forward and backward of one step's images in `step.accumulate` chunks; adds the loss sum
+    and the correct count into `sums` on the device (no host sync)."""
+    loss_sum, correct = sums
+    k = step.accumulate
+    for i, (xs, ys) in enumerate(zip(x.chunk(k), y.chunk(k)), 1):
+        # DDP all-reduces gradients on the last accumulation step only.
+        with net.no_sync() if i < k and step.ddp else nullcontext():
+            with step.autocast():
+                out = net(xs)
+                loss = F.cross_entropy(out, ys)
+            scaled = loss / k
+            (step.scaler.scale(scaled) if step.scaler is not None else scaled).backward()
+        loss_sum += loss.detach() * len(ys)
+        correct += (out.argmax(1) == ys).sum()
+
+
+def train_step(net, optimizer, scheduler, x, y, sums, step: Step) -> None:
+    """One optimizer step over this process's rows (x, y) of a global batch: the engine's
+    training step, also what scripts/bench.py times against a hand-written loop."""
+    x = x.contiguous(memory_format=step.memory_format)
+    if step.cuda_graphs:
+        if step.captured is None:
+            step.captured = CapturedForwardBackward(net, x, y, step)
+        step.captured(x, y, sums)  # overwrites every .grad: no zero_grad
+    else:
+        optimizer.zero_grad(set_to_none=True)
+        forward_backward(net, x, y, sums, step)
+    if step.scaler is not None:
+        step.scaler.step(optimizer)
+        step.scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+
+
+class CapturedForwardBackward:
+    """trainer.cuda_graphs: one step's forward and backward (every accumulation chunk, and the
+    metric sums) captured once as a CUDA graph, then replayed from static input buffers.
+
+    A micro-batch step on a GPU is hundreds of tiny kernels whose launch cost does not depend
+    on b; a replay launches them all at once. Constraints (engine/config.py checks them): CUDA,
+    one process (no DDP hooks), fixed shapes (every step has the same rows: the engine drops
+    the epoch's last partial batch), nothing that reads a device value on the host inside the
+    forward (BN with momentum=None reads its batch count; fp16's GradScaler checks for inf).
+    The optimizer step stays eager (a few foreach kernels), so the lr schedule works unchanged.
+    Capture allocates the gradients in the graph's memory pool: every replay overwrites them,
+    so nothing may set them to None afterwards.
+    """
+
+    def __init__(self, net, x, y, step: Step, warmup: int = 3):
+        self.x, self.y = x.clone(), y.clone()
+        self.sums = (torch.zeros((), device=x.device, dtype=torch.float64),
+                     torch.zeros((), device=x.device, dtype=torch.long))
+        params = [p for p in net.parameters() if p.requires_grad]
+        buffers = [b for b in net.buffers()]
+        saved = [b.clone() for b in buffers]
+        # Warm-up on a side stream (cuDNN and allocator set-up happen outside the capture); its
+        # running-statistics updates are undone below, so the run's maths is unchanged.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                for p in params:
+                    p.grad = None
+                forward_backward(net, self.x, self.y, self.sums, step)
+        torch.cuda.current_stream().wait_stream(side)
+        for p in params:
+            p.grad = None  # the captured backward allocates them: each replay writes, not adds
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            for s in self.sums:
+                s.zero_()
+            forward_backward(net, self.x, self.y, self.sums, step)
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
+
+    def __call__(self, x, y, sums) -> None:
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        sums[0].add_(self.sums[0])
+        sums[1].add_(self.sums[1])
+
+
 def train_epoch(net, optimizer, scheduler, batches: GlobalBatches, epoch: int, proc: Process,
-                accumulate: int, check_every: int, bar: tqdm | None):
+                step: Step, check_every: int, bar: tqdm | None):
     """One epoch of optimizer steps; returns (loss sum, correct, images) tensors of this process.
 
-    `net` is the model, or its DDP wrapper. Losses are summed on the device and read back (and
-    checked, by all processes together) every `check_every` steps only.
+    `net` is the model, or its DDP / compiled wrapper. Losses are summed on the device and read
+    back (and checked, by all processes together) every `check_every` steps only: the hot loop
+    has no other host sync (the progress bar shows the values read at those checks).
     """
     g = batches.global_batch
     rows = g // proc.world_size
     start = proc.rank * rows
-    loss_sum = torch.zeros((), device=proc.device, dtype=torch.float64)
-    correct = torch.zeros((), device=proc.device, dtype=torch.long)
+    sums = (torch.zeros((), device=proc.device, dtype=torch.float64),
+            torch.zeros((), device=proc.device, dtype=torch.long))
     seen = 0
-    for step, (x, y) in enumerate(batches.epoch(epoch, start, start + rows), 1):
-        optimizer.zero_grad(set_to_none=True)
-        for i, (xs, ys) in enumerate(zip(x.chunk(accumulate), y.chunk(accumulate)), 1):
-            # DDP all-reduces gradients on the last accumulation step only.
-            with net.no_sync() if i < accumulate and proc.world_size > 1 else nullcontext():
-                out = net(xs)
-                loss = F.cross_entropy(out, ys)
-                (loss / accumulate).backward()
-            loss_sum += loss.detach() * len(ys)
-            correct += (out.argmax(1) == ys).sum()
-        optimizer.step()
-        scheduler.step()
+    for i, (x, y) in enumerate(batches.epoch(epoch, start, start + rows), 1):
+        train_step(net, optimizer, scheduler, x, y, sums, step)
         seen += len(y)
-        if step % check_every == 0 and not torch.isfinite(reduce_sum(loss_sum.clone(), proc)):
-            break
+        if i % check_every == 0:
+            if not torch.isfinite(reduce_sum(sums[0].clone(), proc)):
+                break
+            if bar is not None:
+                rate = seen * proc.world_size / max(bar.format_dict["elapsed"], 1e-9)
+                bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}",
+                                acc=f"{100 * sums[1].item() / seen:.1f}", img_s=f"{rate:.0f}")
         if bar is not None:
             bar.update(1)
-            if step % 20 == 0:
-                rate = seen * proc.world_size / max(bar.format_dict["elapsed"], 1e-9)
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}",
-                                acc=f"{100 * correct.item() / seen:.1f}", img_s=f"{rate:.0f}")
-    return loss_sum, correct, torch.tensor(seen, device=proc.device)
+    return sums[0], sums[1], torch.tensor(seen, device=proc.device)
 
 
 @torch.no_grad()
-def evaluate(model, split, mean, std, batch_size: int, proc: Process):
+def evaluate(model, split, mean, std, batch_size: int, proc: Process,
+             memory_format: torch.memory_format = torch.contiguous_format):
     """Loss and accuracy over the whole test set, each image exactly once across processes."""
     model.eval()
     sums = torch.zeros(3, device=proc.device, dtype=torch.float64)
     for x, y in eval_batches(split, batch_size, mean, std, proc.device, proc.rank,
                              proc.world_size):
-        out = model(x)
+        out = model(x.contiguous(memory_format=memory_format))
         sums[0] += F.cross_entropy(out, y, reduction="sum")
         sums[1] += (out.argmax(1) == y).sum()
         sums[2] += len(y)
@@ -274,14 +392,18 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
     model = build_model(cfg.model.arch, cfg.model.depth, norm=cfg.norm.name, ws=cfg.norm.ws,
                         num_classes=len(data.classes),
                         zero_init_residual=cfg.model.zero_init_residual, **norm_options(cfg))
-    model.to(proc.device)
+    model.to(proc.device, memory_format=torch.channels_last if t.channels_last
+             else torch.preserve_format)
     configure_devices(model, t.virtual_devices, proc.group)
+    step = Step.from_config(t, proc)
     net = model
     if proc.world_size > 1:
         # Buffers are averaged before use instead of broadcast from rank 0 every step.
         net = DistributedDataParallel(
             model, device_ids=[proc.device] if proc.device.type == "cuda" else None,
             forward_sync_buffers=False)
+    if t.compile:
+        net = torch.compile(net)  # the training forward; eval and probes stay eager
 
     lr = cfg.optim.lr * (g / 128 if cfg.optim.scale_lr else 1.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.optim.momentum,
@@ -296,6 +418,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
+        if step.scaler is not None and "scaler" in state:
+            step.scaler.load_state_dict(state["scaler"])
         history, first_epoch, elapsed0 = state["history"], state["epoch"], state["elapsed_s"]
         probe_history = state.get("probes", [])
         log.info("resuming %s from epoch %d", record.checkpoint, first_epoch)
@@ -317,7 +441,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
                        disable=not show, dynamic_ncols=True) if show else None
             tic = time.perf_counter()
-            sums = train_epoch(net, optimizer, scheduler, batches, epoch, proc, t.accumulate,
+            sums = train_epoch(net, optimizer, scheduler, batches, epoch, proc, step,
                                t.check_every, bar)
             train_time = time.perf_counter() - tic
             if bar is not None:
@@ -331,7 +455,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
                 break
             average_buffers(model, proc)
             test_loss, test_acc = evaluate(model, data.test, data.mean, data.std,
-                                           cfg.data.eval_batch_size, proc)
+                                           cfg.data.eval_batch_size, proc, step.memory_format)
             metrics = {"epoch": epoch + 1, "train_loss": train_loss,
                        "train_acc": 100.0 * (correct / seen).item(), "test_loss": test_loss,
                        "test_acc": test_acc, "lr": scheduler.get_last_lr()[0],
@@ -348,7 +472,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng_state(),
                     "epoch": epoch + 1, "history": history, "probes": probe_history,
-                    "elapsed_s": metrics["elapsed_s"], "identity": ident})
+                    "elapsed_s": metrics["elapsed_s"], "identity": ident,
+                    **({"scaler": step.scaler.state_dict()} if step.scaler is not None else {})})
                 record.write_metrics(history)
                 if probe_history:
                     record.write_metrics(probe_history, "probes.jsonl")
