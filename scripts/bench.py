@@ -1,0 +1,449 @@
+"""The benchmark suite: every figure is a ratio of two timings taken side by side.
+
+    python scripts/bench.py [--out DIR] [--threads N] [--device cpu|cuda] [--repeats 7]
+                            [--only norm,ws,step,loader,virtual]
+
+Prints a table and, with --out, writes DIR/bench.json and DIR/table.md. The figures:
+
+  norm_vs_native         fwd+bwd of each norm / the cheapest torch-native computation of the
+                         same maths (F.batch_norm for bn; F.group_norm for gn, ln, in, and as the
+                         base for bcn), per activation shape            (goal <= 1.5, bcn <= 2.5)
+  ws_conv_vs_conv        WSConv2d / nn.Conv2d, fwd+bwd; the worse of the two shapes (goal <= 1.15)
+  step_vs_bare           engine.loop.train_step / a hand-written loop (zero_grad, forward,
+                         cross-entropy, backward, SGD step), same model and batch (goal <= 1.05)
+  loader_vs_torchvision  engine.data.GlobalBatches batches/s / torchvision's CIFAR10 with PIL
+                         transforms and a default DataLoader (num_workers=0), same images
+                                                                                 (goal >= 5)
+  virtual_vs_accumulate  K virtual devices / K accumulation steps, images/s of the engine's
+                         training loop; the same update (tests/test_distributed.py) (goal >= 1.8)
+
+Both sides of a figure run in the same process, alternating within each round after a warm-up;
+a figure is the median over rounds of the per-round ratio. These machines are shared: the load
+drifts between rounds, far less within one.
+
+On Linux the process first asks glibc to keep freed buffers up to 32 MiB on its heap (mallopt;
+--system-malloc keeps the default). By default every buffer above 128 KiB is mmap'd afresh and
+zeroed by the kernel page by page on first touch: at [64, 64, 16, 16] those page faults cost
+more than the kernels (group_norm fwd+bwd 2.6 ms instead of 0.7 ms here) and swing from run to
+run. PyTorch's CUDA caching allocator reuses memory the same way, so this measures the kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import datetime
+import hashlib
+import json
+import pickle
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from itertools import count
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.data import CIFAR10_MEAN, CIFAR10_STD, GlobalBatches, load_dataset  # noqa: E402
+from engine.loop import Process, Step, WarmupCosine, train_epoch, train_step  # noqa: E402
+from models import build_model  # noqa: E402
+from norms import WSConv2d, build_norm, configure_devices  # noqa: E402
+
+NORMS = ("bn", "gn", "ln", "in", "bcn")
+SHAPES = ((64, 64, 16, 16), (2, 64, 16, 16))  # a realistic activation, a micro-batch one
+GROUPS = 8  # the project's default (engine/config.py)
+GOALS = {"norm_vs_native": ("<=", 1.5), "norm_vs_native.bcn": ("<=", 2.5),
+         "ws_conv_vs_conv": ("<=", 1.15), "step_vs_bare": ("<=", 1.05),
+         "loader_vs_torchvision": (">=", 5.0), "virtual_vs_accumulate": (">=", 1.8)}
+
+
+# ---------------------------------------------------------------- timing
+
+
+def paired(ours: Callable[[], object], base: Callable[[], object], repeats: int,
+           target_s: float = 0.05, warmup: int = 3, device="cpu") -> dict:
+    """Time both sides `repeats` rounds, alternating which goes first.
+
+    Each round times n calls of each side, n chosen so a side's round lasts about `target_s`
+    (on CUDA each timing waits for the queued kernels). Returns the medians of each side's
+    seconds per call and of the per-round ratio ours/base.
+    """
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def clock(fn, n):
+        sync()
+        tic = time.perf_counter()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.perf_counter() - tic) / n
+    for _ in range(warmup):
+        ours()
+        base()
+    n = max(1, round(target_s / max(clock(ours, 1), 1e-9)))
+    times = {"ours": [], "base": []}
+    for r in range(repeats):
+        for side in (("ours", "base") if r % 2 == 0 else ("base", "ours")):
+            times[side].append(clock(ours if side == "ours" else base, n))
+    ratios = [a / b for a, b in zip(times["ours"], times["base"])]
+    return {"ratio": statistics.median(ratios), "ours_s": statistics.median(times["ours"]),
+            "base_s": statistics.median(times["base"]), "calls_per_round": n}
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve buffers up to 32 MiB from the heap and keep freed memory (see the module
+    docstring). Returns whether it applied."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and \
+        bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+def shape_key(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+# ---------------------------------------------------------------- norms and WS
+
+
+def native_norm(name: str, c: int, device="cpu") -> Callable:
+    """The cheapest torch-native computation of the norm's maths (bcn: its group_norm base)."""
+    weight = torch.ones(c, device=device, requires_grad=True)
+    bias = torch.zeros(c, device=device, requires_grad=True)
+    if name == "bn":
+        mean, var = torch.zeros(c, device=device), torch.ones(c, device=device)
+        return lambda x: F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
+    groups = {"gn": GROUPS, "bcn": GROUPS, "ln": 1, "in": c}[name]
+    return lambda x: F.group_norm(x, groups, weight, bias, 1e-5)
+
+
+def fwd_bwd(fn: Callable, shape, device="cpu", seed: int = 0) -> Callable[[], None]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g).to(device).requires_grad_()
+    up = torch.randn(shape, generator=g).to(device)
+    return lambda: fn(x).backward(up)
+
+
+def norm_vs_native(shapes=SHAPES, norms=NORMS, repeats: int = 7, target_s: float = 0.1,
+                   device="cpu"):
+    figure, details = {}, {}
+    for name in norms:
+        figure[name], details[name] = {}, {}
+        for shape in shapes:
+            layer = build_norm(name, shape[1], groups=GROUPS).to(device)
+            native = native_norm(name, shape[1], device)
+            res = paired(fwd_bwd(layer, shape, device), fwd_bwd(native, shape, device), repeats,
+                         target_s, device=device)
+            figure[name][shape_key(shape)] = res["ratio"]
+            details[name][shape_key(shape)] = res
+    return figure, details
+
+
+def ws_conv_vs_conv(shapes=SHAPES, repeats: int = 7, target_s: float = 0.25, device="cpu"):
+    """WSConv2d against nn.Conv2d with the same weights; the figure is the worse shape's."""
+    details = {}
+    for shape in shapes:
+        c = shape[1]
+        torch.manual_seed(0)
+        ws = WSConv2d(c, c, 3, padding=1, bias=False)
+        conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        conv.weight.data.copy_(ws.weight.data)
+        ws, conv = ws.to(device), conv.to(device)
+        details[shape_key(shape)] = paired(fwd_bwd(ws, shape, device), fwd_bwd(conv, shape, device),
+                                           repeats, target_s, device=device)
+    worst = max(details.values(), key=lambda d: d["ratio"])
+    return worst["ratio"], {**worst, "by_shape": details}
+
+
+# ---------------------------------------------------------------- the training step
+
+
+def step_vs_bare(batch_sizes=(2, 32), arch: str = "resnet", depth: int = 20, norm: str = "bn",
+                 repeats: int = 7, target_s: float = 0.4, device="cpu"):
+    """engine.loop.train_step against the minimal loop, each on its own copy of one model."""
+    figure, details = {}, {}
+    for b in batch_sizes:
+        torch.manual_seed(0)
+        model = build_model(arch, depth, norm=norm, groups=GROUPS).to(device)
+        bare = copy.deepcopy(model)
+        x = torch.randn(b, 3, 32, 32, device=device)
+        y = torch.randint(0, 10, (b,), device=device)
+
+        def sgd(m):
+            return torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                                   weight_decay=5e-4)
+        opt, bare_opt = sgd(model), sgd(bare)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(0, 10**9))
+        sums = (torch.zeros((), device=device, dtype=torch.float64),
+                torch.zeros((), device=device, dtype=torch.long))
+        step = Step()
+
+        def ours():
+            train_step(model, opt, sched, x, y, sums, step)
+
+        def minimal():
+            bare_opt.zero_grad(set_to_none=True)
+            F.cross_entropy(bare(x), y).backward()
+            bare_opt.step()
+        res = paired(ours, minimal, repeats, target_s, device=device)
+        figure[str(b)], details[str(b)] = res["ratio"], res
+    return figure, details
+
+
+# ---------------------------------------------------------------- data
+
+
+def write_cifar10_pickles(root: Path, n: int, seed: int = 0) -> Path:
+    """torchvision's cifar-10-batches-py layout with n random training images (5 batches).
+
+    The official files come from Python 2, whose str keys torchvision reads as str (latin1)
+    and the engine as bytes; a Python 3 pickle has one or the other, so each file holds both
+    spellings of every key (pickle stores the shared value once)."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    per = n // 5
+    for i in range(5):
+        data = rng.integers(0, 256, (per, 3072), dtype=np.uint8)
+        _dump(d / f"data_batch_{i + 1}", {b"data": data, b"labels": list(rng.integers(0, 10, per))})
+    _dump(d / "test_batch", {b"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8),
+                             b"labels": list(range(10))})
+    _dump(d / "batches.meta", {b"label_names": [f"class{i}".encode() for i in range(10)]})
+    return d
+
+
+def _dump(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump({**obj, **{k.decode(): v for k, v in obj.items()}}, f)
+
+
+def loader_vs_torchvision(batch_sizes=(2, 128), images: int = 2560, batches: int = 0,
+                          repeats: int = 7, target_s: float = 0.1, device="cpu"):
+    """Augmented training batches per second on `device`, ours against torchvision's pipeline.
+
+    Both serve the same images (a generated pickled layout): RandomCrop(32, padding=4) and a
+    horizontal flip, then float conversion and normalisation; torchvision's DataLoader runs in
+    the main process (num_workers=0) with its default collation (on CUDA, pinned and copied to
+    the GPU); ours gathers from the images held on `device`.
+    """
+    import torchvision
+    import torchvision.transforms as T
+
+    figure, details = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        write_cifar10_pickles(Path(tmp), images)
+        data = load_dataset("cifar10", tmp)
+        tv = torchvision_cifar10(Path(tmp), T.Compose([
+            T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+            T.Normalize(CIFAR10_MEAN, CIFAR10_STD)]))
+        for b in batch_sizes:
+            ours = _endless(GlobalBatches(data.train, b, data.mean, data.std, device).epoch)
+            cuda = torch.device(device).type == "cuda"
+            loader = torch.utils.data.DataLoader(tv, batch_size=b, shuffle=True, drop_last=True,
+                                                 num_workers=0, pin_memory=cuda)
+            theirs = _endless(lambda e: ((x.to(device, non_blocking=True),
+                                          y.to(device, non_blocking=True)) for x, y in loader))
+            k = batches or max(1, 256 // b)  # batches per call
+            res = paired(lambda: _take(ours, k), lambda: _take(theirs, k), repeats, target_s,
+                         device=device)
+            res["ours_s"], res["base_s"] = res["ours_s"] / k, res["base_s"] / k  # per batch
+            res["ours_batches_per_s"], res["base_batches_per_s"] = 1 / res["ours_s"], \
+                1 / res["base_s"]
+            res["time_ratio"] = res.pop("ratio")  # ours / base; the figure is its inverse
+            figure[str(b)], details[str(b)] = 1 / res["time_ratio"], res
+    return figure, details
+
+
+def torchvision_cifar10(root: Path, transform):
+    """torchvision's CIFAR10 training set over generated files: it checks every file's md5, so
+    its file lists carry the generated files' sums (the official ones describe the real data)."""
+    from torchvision.datasets import CIFAR10
+
+    d = root / CIFAR10.base_folder
+    md5 = lambda name: hashlib.md5((d / name).read_bytes()).hexdigest()  # noqa: E731
+
+    class Generated(CIFAR10):
+        train_list = [[name, md5(name)] for name, _ in CIFAR10.train_list]
+        test_list = [[name, md5(name)] for name, _ in CIFAR10.test_list]
+        meta = {**CIFAR10.meta, "md5": md5(CIFAR10.meta["filename"])}
+    return Generated(str(root), train=True, download=False, transform=transform)
+
+
+def _endless(epoch: Callable):
+    for e in count():
+        yield from epoch(e)
+
+
+def _take(it, k: int) -> None:
+    for _ in range(k):
+        next(it)
+
+
+# ---------------------------------------------------------------- virtual devices
+
+
+def virtual_vs_accumulate(devices: int = 16, batch: int = 2, norm: str = "bn",
+                          arch: str = "resnet", depth: int = 20, steps: int = 8,
+                          repeats: int = 5, device="cpu"):
+    """K virtual devices x b images (one forward over K*b, per-device statistics) against K
+    accumulation steps x b: the same optimizer update, each side the engine's own loop."""
+    def side(virtual, accumulate):
+        torch.manual_seed(0)
+        model = build_model(arch, depth, norm=norm, groups=GROUPS).to(device)
+        configure_devices(model, virtual)
+        g = batch * virtual * accumulate
+        data = load_dataset("synthetic", None, train_size=g * steps, test_size=1)
+        batches = GlobalBatches(data.train, g, data.mean, data.std, device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(0, 10**9))
+        epochs, step = count(), Step(accumulate=accumulate)
+        proc = Process(device=torch.device(device))
+        return lambda: train_epoch(model, opt, sched, batches, next(epochs), proc, step, 10**9,
+                                   None)
+    res = paired(side(devices, 1), side(1, devices), repeats, target_s=0, warmup=1, device=device)
+    res["ours_s"], res["base_s"] = res["ours_s"] / steps, res["base_s"] / steps  # per update
+    images = batch * devices
+    res["ours_images_per_s"], res["base_images_per_s"] = images / res["ours_s"], \
+        images / res["base_s"]
+    res["setting"] = {"devices": devices, "batch_size_per_device": batch, "norm": norm,
+                      "model": f"{arch}{depth}", "steps_per_call": steps}
+    res["time_ratio"] = res.pop("ratio")  # virtual / accumulate; the figure is its inverse
+    return 1 / res["time_ratio"], res
+
+
+# ---------------------------------------------------------------- the suite
+
+
+def run_suite(only=("norm", "ws", "step", "loader", "virtual"), repeats: int = 7,
+              quick: bool = False, devices: int = 16, norm: str = "bn",
+              allocator: str = "system default", device: str = "cpu") -> dict:
+    """Every figure, its details (each side's seconds per call) and whether its goal is met.
+    `quick` shrinks sizes and rounds to check the machinery (tests), not to measure."""
+    timing = {"repeats": 2, "target_s": 0.002} if quick else {"repeats": repeats}
+    timing["device"] = device
+    shapes = ((8, 16, 4, 4), (2, 16, 4, 4)) if quick else SHAPES
+    depth = 8 if quick else 20
+    figures, details = {}, {}
+    started = time.perf_counter()
+    if "norm" in only:
+        figures["norm_vs_native"], details["norm_vs_native"] = norm_vs_native(shapes, **timing)
+    if "ws" in only:
+        figures["ws_conv_vs_conv"], details["ws_conv_vs_conv"] = ws_conv_vs_conv(shapes, **timing)
+    if "step" in only:
+        figures["step_vs_bare"], details["step_vs_bare"] = step_vs_bare(
+            depth=depth, **timing)
+    if "loader" in only:
+        figures["loader_vs_torchvision"], details["loader_vs_torchvision"] = \
+            loader_vs_torchvision(images=640 if quick else 2560, batches=2 if quick else 0,
+                                  **timing)
+    if "virtual" in only:
+        figures["virtual_vs_accumulate"], details["virtual_vs_accumulate"] = \
+            virtual_vs_accumulate(devices=4 if quick else devices, norm=norm, depth=depth,
+                                  steps=1 if quick else 8, repeats=2 if quick else repeats,
+                                  device=device)
+    return {**figures, "goals": goals(figures), "details": details,
+            "setting": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                        "repeats": repeats, "quick": quick,
+                        "python": platform.python_version(), "cpu": cpu_name(),
+                        "device": device, "gpu": torch.cuda.get_device_name()
+                        if torch.device(device).type == "cuda" else None,
+                        "allocator": allocator,
+                        "date": datetime.date.today().isoformat(),
+                        "wall_s": time.perf_counter() - started}}
+
+
+def goals(figures: dict) -> dict:
+    """{"figure.case": {value, goal, met}} for every number in the figures."""
+    res = {}
+    for case, value in _cases(figures).items():
+        parts = case.split(".")
+        op, goal = next(GOALS[k] for k in (".".join(parts[:i]) for i in
+                                           range(len(parts), 0, -1)) if k in GOALS)
+        res[case] = {"value": value, "goal": f"{op} {goal}",
+                     "met": value <= goal if op == "<=" else value >= goal}
+    return res
+
+
+def _cases(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        flat.update(_cases(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return flat
+
+
+def table(result: dict) -> str:
+    """Markdown: one row per case with each side's time per call (loader: per batch; virtual:
+    per optimizer step; the base of virtual_vs_accumulate is accumulation)."""
+    rows = ["| figure | case | ours | base | ratio | goal | met |",
+            "|---|---|---|---|---|---|---|"]
+    for case, g in result["goals"].items():
+        d = result["details"]
+        for k in case.split("."):
+            d = d[k]
+        fig, _, rest = case.partition(".")
+        rows.append(f"| {fig} | {rest or '-'} | {_ms(d['ours_s'])} | {_ms(d['base_s'])} | "
+                    f"{g['value']:.2f} | {g['goal']} | {'yes' if g['met'] else 'NO'} |")
+    return "\n".join(rows)
+
+
+def _ms(s: float) -> str:
+    return f"{s * 1e3:.3g} ms"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, help="write bench.json and table.md here")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides run")
+    p.add_argument("--repeats", type=int, default=7, help="rounds per figure (median)")
+    p.add_argument("--only", default="norm,ws,step,loader,virtual",
+                   help="comma-separated subset of: norm, ws, step, loader, virtual")
+    p.add_argument("--devices", type=int, default=16, help="virtual_vs_accumulate: K")
+    p.add_argument("--norm", default="bn", help="virtual_vs_accumulate: the norm")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks, not measurements")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's allocator at its defaults (see above)")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    allocator = "system default"
+    if not a.system_malloc and keep_freed_memory():
+        allocator = "glibc, mmap threshold 32 MiB, trim threshold 1 GiB"
+    result = run_suite(tuple(a.only.split(",")), a.repeats, a.quick, a.devices, a.norm,
+                       allocator, a.device)
+    text = table(result)
+    s = result["setting"]
+    print(text)
+    print(f"\ntorch {s['torch']}, {a.device}, {s['threads']} thread(s), {s['wall_s']:.0f} s")
+    if a.out:
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        (a.out / "table.md").write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
