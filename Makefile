@@ -21,7 +21,7 @@ test: $(STAMP)  ## the default suite (real-data tests run when ../shared/data is
 	$(BIN)/python -m pytest -m "not slow" $(ARGS)
 
 test-slow: $(STAMP)  ## long tests: real training runs
-	$(BIN)/python -m pytest -m slow $(ARGS)
+	$(BIN)/python -m pytest -m slow $(ARGS) || [ $$? -eq 5 ]  # 5: none marked slow
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)

@@ -7,6 +7,7 @@ model is built, raising ConfigError with one line: the key, the value and what i
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ DATASETS = ("cifar10", "cifar100", "synthetic")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")
+log = logging.getLogger("microbatch")
 
 
 class ConfigError(ValueError):
@@ -200,6 +202,12 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("trainer.device='cuda' but no CUDA device is visible; "
                               "allowed here: auto, cpu")
     validate_fast_paths(cfg)
+    if t.accumulate > 1 and (cfg.norm.name == "syncbn"
+                             or (cfg.norm.name == "bcn" and cfg.norm.sync_stats)):
+        log.warning("trainer.accumulate=%d with norm=%s: each accumulation step is its own "
+                    "forward, so cross-device statistics cover one micro-batch, not the global "
+                    "batch; use trainer.virtual_devices for the same maths as real devices",
+                    t.accumulate, cfg.norm.name)
 
     if cfg.logger.mode == "online":
         from .tracking import has_credentials

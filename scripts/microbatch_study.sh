@@ -33,11 +33,12 @@ cells() {  # one cell a line: overrides, most important first
   echo "$R20 norm=bcn_ws batch_size_per_device=1 seed=1"
   for b in 4 8 16 32; do echo "$R20 norm=bn batch_size_per_device=$b seed=0"; done
   echo "$R20 norm=bcn_ws batch_size_per_device=64 seed=0"
-  for b in 1 64; do echo "$V11 norm=gn batch_size_per_device=$b seed=0"; done
   for b in 1 2 8 64; do echo "$R20 norm=bn_ws batch_size_per_device=$b seed=0"; done
+  for b in 1 64; do echo "$R20 norm=bcn_ws norm.sync_stats=false batch_size_per_device=$b seed=0"; done
+  for n in ln in gn_ws; do for b in 1 64; do echo "$R20 norm=$n batch_size_per_device=$b seed=0"; done; done
   for b in 2 8; do echo "$R20 norm=bcn_ws batch_size_per_device=$b seed=0"; done
-  for b in 1 2 8 64; do echo "$R20 norm=bcn_ws norm.sync_stats=false batch_size_per_device=$b seed=0"; done
-  for n in gn_ws ln in; do for b in 1 64; do echo "$R20 norm=$n batch_size_per_device=$b seed=0"; done; done
+  for b in 2 8; do echo "$R20 norm=bcn_ws norm.sync_stats=false batch_size_per_device=$b seed=0"; done
+  for b in 1 64; do echo "$V11 norm=gn batch_size_per_device=$b seed=0"; done
   for b in 8 32; do echo "$V11 norm=bn batch_size_per_device=$b seed=0"; done
   echo "$V11 norm=bcn_ws batch_size_per_device=64 seed=0"
 }

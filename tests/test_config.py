@@ -192,3 +192,10 @@ def test_composition_preflight_checks_every_sweep_value():
     from engine.cli import composition_error
     error = composition_error(["-m", "model.depth=20,x"], ROOT / "configs", "config")
     assert error == "model.depth: Value 'x' of type 'str' could not be converted to Integer"
+
+
+@pytest.mark.parametrize("norm,warned", [("syncbn", True), ("bcn_ws", True), ("bn", False),
+                                         ("gn", False)])
+def test_accumulation_with_cross_device_statistics_is_warned(caplog, norm, warned):
+    validate(make_cfg(f"norm={norm}", "trainer.accumulate=4", "batch_size_per_device=8"))
+    assert ("cross-device statistics cover one micro-batch" in caplog.text) == warned
