@@ -53,5 +53,4 @@ def check_compatible(path: Path, saved: dict, current: dict) -> None:
         k = diff[0]
         raise CheckpointError(
             f"checkpoint {path} belongs to a different run ({k}: {saved.get(k)!r} there, "
-            f"{current.get(k)!r} now); use another hydra.run.dir, or trainer.resume=false to "
-            "refuse resuming")
+            f"{current.get(k)!r} now); set hydra.run.dir to another folder")

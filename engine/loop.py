@@ -362,7 +362,12 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
     info = describe(cfg, overrides)
 
     done = record.read_summary()
-    if done and done.get("status") in ("completed", "diverged") and t.resume:
+    if not t.resume and (done or record.checkpoint.exists()):
+        found = record.checkpoint if record.checkpoint.exists() else record.dir / "summary.json"
+        raise checkpoint.CheckpointError(
+            f"{found} exists and trainer.resume=false: starting afresh would overwrite it; "
+            "move it away or set hydra.run.dir to another folder")
+    if done and done.get("status") in ("completed", "diverged"):
         if not checkpoint.same_run(done.get("identity", {}), ident):
             log.info("%s: already %s (test_acc %.2f); nothing to do", run_dir, done["status"],
                      done.get("test_acc") or float("nan"))
@@ -372,7 +377,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
             "use another hydra.run.dir")
 
     state = None
-    if t.resume and record.checkpoint.exists():
+    if record.checkpoint.exists():
         state = checkpoint.load(record.checkpoint)
         checkpoint.check_compatible(record.checkpoint, state["identity"], ident)
 

@@ -152,6 +152,16 @@ def test_damaged_run_state_is_one_clear_error_naming_the_file(tmp_path, damage):
     assert name.read_bytes() == before, "never silently overwritten"
 
 
+def test_resume_false_refuses_a_run_dir_that_holds_a_run(tmp_path):
+    run(make_cfg(*TINY, "trainer.epochs=1"), tmp_path)
+    ckpt = tmp_path / "checkpoints" / "last.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match="trainer.resume=false"):
+        run(make_cfg(*TINY, "trainer.epochs=1", "trainer.resume=false"), tmp_path)
+    assert ckpt.read_bytes() == before
+    run(make_cfg(*TINY, "trainer.epochs=1", "trainer.resume=false"), tmp_path / "new")
+
+
 def test_checkpoint_of_another_config_is_refused(tmp_path):
     run(make_cfg(*TINY, "trainer.epochs=1", "trainer.resume=true"), tmp_path)
     (tmp_path / "summary.json").unlink()  # pretend it was interrupted
