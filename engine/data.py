@@ -36,7 +36,6 @@ Every user-caused problem raises ``DataError`` with a one-line message naming th
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import pickle
 import tarfile

@@ -237,7 +237,6 @@ def loader_vs_torchvision(batch_sizes=(2, 128), images: int = 2560, batches: int
     the main process (num_workers=0) with its default collation (on CUDA, pinned and copied to
     the GPU); ours gathers from the images held on `device`.
     """
-    import torchvision
     import torchvision.transforms as T
 
     figure, details = {}, {}
