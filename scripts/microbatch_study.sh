@@ -41,6 +41,8 @@ cells() {  # one cell a line: overrides, most important first
   for b in 1 64; do echo "$V11 norm=gn batch_size_per_device=$b seed=0"; done
   for b in 8 32; do echo "$V11 norm=bn batch_size_per_device=$b seed=0"; done
   echo "$V11 norm=bcn_ws batch_size_per_device=64 seed=0"
+  for b in 1 2 64; do echo "$V11 norm=bn batch_size_per_device=$b seed=1"; done
+  echo "$V11 norm=bcn_ws batch_size_per_device=1 seed=1"
 }
 
 run_cell() {  # one folder per cell: OUT/resnet20/bn_b1_s0, OUT/resnet20/bcn_ws_private_b1_s0, ...
