@@ -35,7 +35,7 @@ from norms import configure_devices
 from . import checkpoint
 from .config import ConfigError, global_batch, norm_label, norm_options
 from .data import GlobalBatches, eval_batches, load_dataset
-from .records import RunRecord
+from .records import RunRecord, code_version
 from .tracking import Tracker
 
 log = logging.getLogger("microbatch")
@@ -96,7 +96,8 @@ def describe(cfg: DictConfig, overrides: list[str]) -> dict:
             "batch_size_per_device": cfg.batch_size_per_device, "devices": t.devices,
             "virtual_devices": t.virtual_devices, "accumulate": t.accumulate,
             "global_batch": global_batch(cfg), "epochs": t.epochs, "seed": cfg.seed,
-            "data": cfg.data.name, "name": cfg.name, "overrides": list(overrides)}
+            "data": cfg.data.name, "name": cfg.name, "overrides": list(overrides),
+            "code": code_version(), "torch": torch.__version__}
 
 
 class WarmupCosine:

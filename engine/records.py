@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -17,6 +18,22 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def code_version(root: str | os.PathLike = Path(__file__).resolve().parents[1]) -> str | None:
+    """The git commit the code runs from, "+dirty" if tracked files differ from it; None
+    when root is not a checkout's top level (an archive, an installed copy) or without git."""
+    def git(*args: str) -> str:
+        return subprocess.run(("git", "-C", str(root), *args), capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(root).resolve():
+            return None  # root lies inside some other repository
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
 
 
 class RunRecord:

@@ -14,6 +14,7 @@ import yaml
 from engine import checkpoint
 from engine.config import validate
 from engine.loop import run
+from engine.records import code_version
 
 from conftest import ROOT, TINY, make_cfg, run_cli
 
@@ -22,7 +23,7 @@ METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr"
 SUMMARY_KEYS = {"status", "test_acc", "best_test_acc", "test_loss", "train_loss",
                 "epochs_completed", "images_per_sec", "wall_time_s", "model", "depth", "norm",
                 "ws", "batch_size_per_device", "devices", "virtual_devices", "accumulate",
-                "global_batch", "seed", "overrides"}
+                "global_batch", "seed", "overrides", "code", "torch"}
 
 
 def test_short_run_writes_the_run_record_and_learns(tmp_path):
@@ -31,6 +32,7 @@ def test_short_run_writes_the_run_record_and_learns(tmp_path):
     summary = run(cfg, tmp_path, overrides=["x=1"])
     assert SUMMARY_KEYS <= set(summary) and summary["status"] == "completed"
     assert summary["epochs_completed"] == 3 and summary["overrides"] == ["x=1"]
+    assert summary["code"] == code_version() and summary["torch"] == torch.__version__
     assert summary["test_acc"] > 30, summary  # 10 classes: chance is 10%
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["test_acc"] == summary["test_acc"]
@@ -45,6 +47,25 @@ def test_short_run_writes_the_run_record_and_learns(tmp_path):
     assert state["epoch"] == 3 and set(state["rng"]) >= {"torch", "python", "numpy"}
     # Re-running a finished run does nothing and returns the same summary.
     assert run(cfg, tmp_path)["wall_time_s"] == summary["wall_time_s"]
+
+
+def test_code_version_is_the_checkouts_commit_and_flags_edits(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path / "repo"), *args], check=True,
+                              capture_output=True, text=True).stdout.strip()
+    (tmp_path / "repo" / "sub").mkdir(parents=True)
+    (tmp_path / "repo" / "sub" / "f.py").write_text("a = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    sha = git("rev-parse", "HEAD")
+    assert code_version(tmp_path / "repo") == sha
+    (tmp_path / "repo" / "new.py").write_text("")  # untracked files leave the code as committed
+    assert code_version(tmp_path / "repo") == sha
+    (tmp_path / "repo" / "sub" / "f.py").write_text("a = 2\n")
+    assert code_version(tmp_path / "repo") == sha + "+dirty"
+    assert code_version(tmp_path / "repo" / "sub") is None  # not the checkout's top level
+    assert code_version(tmp_path / "plain") is None  # no checkout at all
 
 
 def test_lr_schedule_warmup_then_cosine_with_linear_scaling(tmp_path):
