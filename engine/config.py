@@ -21,7 +21,7 @@ from omegaconf.errors import InterpolationResolutionError
 DATASETS = ("cifar10", "cifar100", "synthetic")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # autocast dtype (torch.*)
 log = logging.getLogger("microbatch")
 
 

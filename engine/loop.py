@@ -33,7 +33,7 @@ from models import build_model
 from norms import configure_devices
 
 from . import checkpoint
-from .config import ConfigError, global_batch, norm_label, norm_options
+from .config import PRECISIONS, ConfigError, global_batch, norm_label, norm_options
 from .data import GlobalBatches, eval_batches, load_dataset
 from .records import RunRecord, code_version
 from .tracking import Tracker
@@ -48,8 +48,6 @@ NON_IDENTITY = ("logger", "trainer.progress", "trainer.num_threads", "trainer.re
                 "trainer.check_every", "trainer.timeout_s", "trainer.probe_every", "data.root",
                 "data.cache_dir", "data.download", "data.eval_batch_size",
                 "trainer.channels_last", "trainer.compile", "trainer.cuda_graphs")
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -162,7 +160,7 @@ class Step:
 
     @classmethod
     def from_config(cls, t, proc: Process) -> "Step":
-        dtype = PRECISIONS[t.precision]
+        dtype = getattr(torch, PRECISIONS[t.precision]) if PRECISIONS[t.precision] else None
         return cls(accumulate=t.accumulate, ddp=proc.world_size > 1,
                    # Graph capture needs autocast's weight-cast cache off (its casts are replayed).
                    autocast=(partial(torch.autocast, proc.device.type, dtype=dtype,
