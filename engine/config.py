@@ -78,6 +78,7 @@ class TrainerConfig:
     accumulate: int = 1              # gradient-accumulation steps per optimizer step
     device: str = "auto"             # auto | cpu | cuda
     num_threads: int = 0             # torch CPU threads; 0 = torch's default
+    keep_freed_memory: bool = True   # CPU on glibc: reuse freed buffers instead of new mmaps
     resume: bool = True              # continue from <run dir>/checkpoints/last.pt if present
     progress: bool = True            # tqdm bar on interactive terminals
     check_every: int = 50            # steps between non-finite-loss checks (host syncs)

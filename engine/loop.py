@@ -10,6 +10,7 @@ whichever way the devices are realised.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import random
@@ -44,10 +45,11 @@ log = logging.getLogger("microbatch")
 # strategies (memory layout, torch.compile, CUDA graphs) run the same operations on the same
 # numbers and differ only in summation order, as thread counts do; trainer.precision changes
 # the numbers themselves (bf16 keeps 8 bits of mantissa), so it is part of the identity.
-NON_IDENTITY = ("logger", "trainer.progress", "trainer.num_threads", "trainer.resume",
-                "trainer.check_every", "trainer.timeout_s", "trainer.probe_every", "data.root",
-                "data.cache_dir", "data.download", "data.eval_batch_size",
-                "trainer.channels_last", "trainer.compile", "trainer.cuda_graphs")
+NON_IDENTITY = ("logger", "trainer.progress", "trainer.num_threads", "trainer.keep_freed_memory",
+                "trainer.resume", "trainer.check_every", "trainer.timeout_s",
+                "trainer.probe_every", "data.root", "data.cache_dir", "data.download",
+                "data.eval_batch_size", "trainer.channels_last", "trainer.compile",
+                "trainer.cuda_graphs")
 
 
 @dataclass
@@ -67,6 +69,21 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve buffers up to 32 MiB from the heap and keep freed memory there.
+
+    By default glibc mmaps every buffer above 128 KiB afresh and the kernel zeroes it page by
+    page on first touch, so each step's activations page-fault again on a CPU. CUDA's caching
+    allocator reuses memory the same way. Returns whether it applied (False off glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and \
+        bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def identity(cfg: DictConfig) -> dict:
@@ -356,6 +373,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
     t = cfg.trainer
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
+    if proc.device.type == "cpu" and t.keep_freed_memory:
+        keep_freed_memory()
     record = RunRecord(run_dir)
     ident = identity(cfg)
     info = describe(cfg, overrides)

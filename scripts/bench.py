@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import datetime
 import hashlib
 import json
@@ -53,7 +52,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.data import CIFAR10_MEAN, CIFAR10_STD, GlobalBatches, load_dataset  # noqa: E402
-from engine.loop import Process, Step, WarmupCosine, train_epoch, train_step  # noqa: E402
+from engine.loop import (Process, Step, WarmupCosine, keep_freed_memory, train_epoch,  # noqa: E402
+                         train_step)
 from models import build_model  # noqa: E402
 from norms import WSConv2d, build_norm, configure_devices  # noqa: E402
 
@@ -96,18 +96,6 @@ def paired(ours: Callable[[], object], base: Callable[[], object], repeats: int,
     ratios = [a / b for a, b in zip(times["ours"], times["base"])]
     return {"ratio": statistics.median(ratios), "ours_s": statistics.median(times["ours"]),
             "base_s": statistics.median(times["base"]), "calls_per_round": n}
-
-
-def keep_freed_memory() -> bool:
-    """glibc: serve buffers up to 32 MiB from the heap and keep freed memory (see the module
-    docstring). Returns whether it applied."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and \
-        bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def shape_key(shape) -> str:

@@ -97,6 +97,19 @@ def _state(path):
     return checkpoint.load(path)["model"]
 
 
+def test_keeping_freed_memory_changes_no_number(tmp_path):
+    """glibc's allocator setting (on by default on CPU) only changes where buffers live."""
+    for keep in ("true", "false"):
+        res = run_cli(*TINY, "norm=bcn_ws", f"trainer.keep_freed_memory={keep}",
+                      f"hydra.run.dir=keep_{keep}", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+    a, b = (_state(tmp_path / f"keep_{keep}/checkpoints/last.pt") for keep in ("true", "false"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[json.loads(line)["test_loss"] for line in (tmp_path / f"keep_{keep}/metrics.jsonl")
+               .read_text().splitlines()] for keep in ("true", "false")]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+
+
 def test_sigkill_mid_epoch_then_rerun_ends_bit_exactly(tmp_path):
     epochs = 4
     args = [*TINY, "data.train_size=1024", f"trainer.epochs={epochs}", "norm=bcn_ws"]
