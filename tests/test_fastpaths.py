@@ -13,7 +13,7 @@ from engine.loop import Process, Step, identity, run, train_epoch
 from models import build_model
 from norms import build_norm
 
-from conftest import TINY, make_cfg
+from conftest import TINY, make_cfg, run_cli
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 LEARN = (*TINY, "trainer.epochs=3", "data.train_size=512")  # reaches > 30% (test_train.py)
@@ -61,6 +61,19 @@ def test_compile_gives_the_same_losses_as_eager(tmp_path):
     args = (*TINY, "norm=bcn_ws", "trainer.epochs=1")
     _, eager = train(tmp_path, "eager", *args)
     _, compiled = train(tmp_path, "compiled", *args, "trainer.compile=true")
+    assert_close_runs(compiled, eager, rel=1e-4)
+
+
+def test_compile_with_ddp_gives_the_same_losses_as_eager_ddp(tmp_path):
+    """Two gloo processes: DDP's hooks around the compiled forward, and synchronised BCN
+    statistics (an all-reduce per layer) inside it. About 30 s here."""
+    args = (*TINY, "norm=bcn_ws", "trainer.epochs=1", "trainer.devices=2",
+            "batch_size_per_device=16")
+    for name, extra in (("eager", ()), ("compiled", ("trainer.compile=true",))):
+        res = run_cli(*args, *extra, f"hydra.run.dir={name}", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+    compiled, eager = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
+    assert compiled != eager, "inductor's kernels sum in another order: was anything compiled?"
     assert_close_runs(compiled, eager, rel=1e-4)
 
 
