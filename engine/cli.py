@@ -20,11 +20,19 @@ from .config import ConfigError, resolve
 
 # Hydra's own flags: with any but -m, Hydra answers itself (help, --cfg, another config, ...).
 MULTIRUN_FLAGS = ("-m", "--multirun")
+# Hydra's modes: it takes one at most, and answers two with a traceback.
+MODES = {"-m": "--multirun", "--multirun": "--multirun", "-r": "--run", "--run": "--run",
+         "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
+         "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
 
 
 def composition_error(argv: list[str], config_dir: Path, config_name: str) -> str | None:
     """One line for the first override that cannot be composed, or None if all compose."""
     flags = [a for a in argv if a.startswith("-")]
+    modes = sorted({MODES[f.split("=")[0]] for f in flags if f.split("=")[0] in MODES})
+    if len(modes) > 1:
+        return (f"{' and '.join(modes)} cannot be combined; allowed: one of "
+                f"{', '.join(sorted(set(MODES.values())))}")
     if any(f not in MULTIRUN_FLAGS for f in flags):
         return None
     typed = [a for a in argv if not a.startswith("-")]

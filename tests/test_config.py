@@ -187,6 +187,19 @@ def test_composition_preflight_passes_what_hydra_accepts(argv):
     assert composition_error(argv, ROOT / "configs", "config") is None
 
 
+@pytest.mark.parametrize("argv,modes", [(["-m", "--cfg", "job"], "--cfg and --multirun"),
+                                        (["--info", "-r"], "--info and --run"),
+                                        (["--cfg=all", "--multirun"], "--cfg and --multirun")])
+def test_two_hydra_modes_are_one_line_not_a_traceback(argv, modes, tmp_path):
+    from conftest import ROOT, run_cli
+    from engine.cli import composition_error
+    error = composition_error(argv, ROOT / "configs", "config")
+    assert error == (f"{modes} cannot be combined; allowed: one of --cfg, --info, --multirun, "
+                     "--run, --shell-completion")
+    res = run_cli(*argv, cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip() == f"error: {error}"
+
+
 def test_composition_preflight_checks_every_sweep_value():
     from conftest import ROOT
     from engine.cli import composition_error
