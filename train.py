@@ -57,10 +57,7 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 if __name__ == "__main__":
-    from engine.cli import composition_error
+    from engine.cli import exit_on_composition_error
 
-    error = composition_error(sys.argv[1:], Path(__file__).parent / "configs", "config")
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_composition_error(Path(__file__).parent / "configs", "config")
     main()

@@ -8,6 +8,7 @@ to Hydra itself.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -24,6 +25,14 @@ MULTIRUN_FLAGS = ("-m", "--multirun")
 MODES = {"-m": "--multirun", "--multirun": "--multirun", "-r": "--run", "--run": "--run",
          "-c": "--cfg", "--cfg": "--cfg", "-i": "--info", "--info": "--info",
          "-sc": "--shell-completion", "--shell-completion": "--shell-completion"}
+
+
+def exit_on_composition_error(config_dir: Path, config_name: str) -> None:
+    """The preflight of a Hydra app's __main__: one line on stderr and exit status 2."""
+    error = composition_error(sys.argv[1:], config_dir, config_name)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def composition_error(argv: list[str], config_dir: Path, config_name: str) -> str | None:

@@ -177,7 +177,8 @@ class Step:
 
     @classmethod
     def from_config(cls, t, proc: Process) -> "Step":
-        dtype = getattr(torch, PRECISIONS[t.precision]) if PRECISIONS[t.precision] else None
+        dtype_name = PRECISIONS[t.precision]
+        dtype = getattr(torch, dtype_name) if dtype_name else None
         return cls(accumulate=t.accumulate, ddp=proc.world_size > 1,
                    # Graph capture needs autocast's weight-cast cache off (its casts are replayed).
                    autocast=(partial(torch.autocast, proc.device.type, dtype=dtype,
@@ -244,7 +245,7 @@ class CapturedForwardBackward:
         self.sums = (torch.zeros((), device=x.device, dtype=torch.float64),
                      torch.zeros((), device=x.device, dtype=torch.long))
         params = [p for p in net.parameters() if p.requires_grad]
-        buffers = [b for b in net.buffers()]
+        buffers = list(net.buffers())
         saved = [b.clone() for b in buffers]
         # Warm-up on a side stream (cuDNN and allocator set-up happen outside the capture); its
         # running-statistics updates are undone below, so the run's maths is unchanged.

@@ -56,7 +56,8 @@ class Tracker:
         run_id = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
         self.run = wandb.init(
             project=logger_cfg.project, entity=logger_cfg.entity, group=group,
-            tags=[*logger_cfg.tags, *default_tags(config)], config=config, dir=str(run_dir), mode=mode,
+            tags=[*logger_cfg.tags, *default_tags(config)], config=config, dir=str(run_dir),
+            mode=mode,
             id=run_id, resume="allow", name=Path(run_dir).name, reinit="finish_previous",
             settings=wandb.Settings(console="off", quiet=True))
         self.run.define_metric("epoch")

@@ -299,10 +299,7 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 if __name__ == "__main__":
-    from engine.cli import composition_error
+    from engine.cli import exit_on_composition_error
 
-    error = composition_error(sys.argv[1:], ROOT / "configs", "diagnose")
-    if error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    exit_on_composition_error(ROOT / "configs", "diagnose")
     main()

@@ -35,7 +35,8 @@ from engine.records import RunRecord  # noqa: E402
 COLUMNS = ("model", "depth", "norm", "ws", "norm_label", "sync_stats", "batch_size_per_device",
            "devices", "virtual_devices", "accumulate", "global_batch", "epochs", "seed", "data",
            "name", "status", "epochs_completed", "test_acc", "best_test_acc", "test_error",
-           "test_loss", "train_loss", "images_per_sec", "wall_time_s", "overrides", "code", "run_dir")
+           "test_loss", "train_loss", "images_per_sec", "wall_time_s", "overrides", "code",
+           "run_dir")
 # What engine.loop.make_summary adds to describe(); on wandb these live in run.summary.
 SUMMARY_KEYS = ("status", "test_acc", "best_test_acc", "test_loss", "train_loss",
                 "epochs_completed", "images_per_sec", "wall_time_s")
