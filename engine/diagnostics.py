@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from norms import FusedActivation
+
 __all__ = ["DiagnoseSettings", "LayerRecord", "Measurement", "Probes", "average",
            "activation_variance", "cosine_matrix", "grad_norm", "mean_pairwise_cosine",
            "measure", "measure_at_init", "probe_layers", "stable_rank"]
@@ -124,14 +126,14 @@ def _similarity(h: torch.Tensor) -> tuple[float, float]:
 
 def probe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The layers whose outputs are probed, in forward order, as (name, module):
-    ResNet: every residual block `stages.i.j`; VGG: every ReLU of `features` (each follows a
-    conv and its norm)."""
+    ResNet: every residual block `stages.i.j`; VGG: every activation of `features` (each
+    follows a conv and its norm; a FusedActivation marks it after a fused norm-activation)."""
     if hasattr(model, "stages"):
         return [(f"stages.{i}.{j}", block) for i, stage in enumerate(model.stages)
                 for j, block in enumerate(stage)]
     if hasattr(model, "features"):
         return [(f"features.{k}", m) for k, m in enumerate(model.features)
-                if isinstance(m, nn.ReLU)]
+                if isinstance(m, (nn.ReLU, FusedActivation))]
     raise ValueError(f"{type(model).__name__}: no `stages` (ResNet) or `features` (VGG) to "
                      "probe; pass layers=[(name, module), ...]")
 

@@ -34,12 +34,12 @@ def build_model(arch: str, depth: int, norm: str = "bn", ws: bool = False,
     every conv is a `WSConv2d` when `ws`. He init; `zero_init_residual` zeroes the scale of
     the last norm in each residual branch so every block starts as the identity."""
     check_depth(arch, depth)
-    conv, norm_layer = make_layers(norm, ws, norm_options)
+    conv, norm_layers = make_layers(norm, ws, norm_options)
     net_cls = VGG if arch == "vgg" else ResNet
     try:
-        net = net_cls(depth, conv, norm_layer, num_classes)
+        net = net_cls(depth, conv, norm_layers, num_classes)
     except ValueError as e:
-        layer = first_failing_norm(lambda f: net_cls(depth, conv, f, num_classes), norm_layer)
+        layer = first_failing_norm(lambda f: net_cls(depth, conv, f, num_classes), norm_layers)
         raise ValueError(f"{arch}{depth} layer {layer}: {e}" if layer else str(e)) from None
     he_init(net)
     if zero_init_residual:

@@ -1,21 +1,38 @@
-"""What every builder shares: the conv/norm factories and He initialisation."""
+"""What every builder shares: the conv and norm factories and He initialisation."""
 from __future__ import annotations
 
-import functools
+from dataclasses import dataclass, field
 from typing import Callable
 
 from torch import nn
 
-from norms import NORMS, WSConv2d, build_norm
-
-NormFactory = Callable[[int], nn.Module]
+from norms import NORMS, build_norm, build_norm_act, conv_for
 
 
-def make_layers(norm: str, ws: bool, norm_options: dict) -> tuple[type[nn.Conv2d], NormFactory]:
-    """The conv class and the `num_channels -> norm layer` factory a builder asks for layers."""
+@dataclass(frozen=True)
+class NormLayers:
+    """The norm slots of a builder; the model never knows which norm it has.
+
+        norm_layers(C)          a norm with no activation after it (a residual branch's end,
+                                a projection shortcut)
+        norm_layers.act(C)      "norm then ReLU" as the pair (norm, activation): a plain norm
+                                and ReLU, or a fused layer (FRN+TLU, EvoNorm) and a marker
+    """
+    name: str
+    options: dict = field(default_factory=dict)
+
+    def __call__(self, num_channels: int) -> nn.Module:
+        return build_norm(self.name, num_channels, **{**self.options, "act": False})
+
+    def act(self, num_channels: int, inplace: bool = False) -> tuple[nn.Module, nn.Module]:
+        return build_norm_act(self.name, num_channels, inplace=inplace, **self.options)
+
+
+def make_layers(norm: str, ws: bool, norm_options: dict) -> tuple[type[nn.Conv2d], NormLayers]:
+    """The conv class and the norm slots a builder asks for layers."""
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r} is unknown; allowed: {', '.join(NORMS)}")
-    return (WSConv2d if ws else nn.Conv2d), functools.partial(build_norm, norm, **norm_options)
+    return conv_for(norm, ws), NormLayers(norm, dict(norm_options))
 
 
 class _Slot(nn.Identity):
@@ -26,12 +43,21 @@ class _Slot(nn.Identity):
         self.num_channels = num_channels
 
 
-def first_failing_norm(build: Callable[[NormFactory], nn.Module], norm_layer: NormFactory) -> str:
-    """Name of the first norm slot of `build(factory)` that `norm_layer` refuses, or ''."""
-    for name, m in build(_Slot).named_modules():
+class _Slots(NormLayers):
+    def __call__(self, num_channels: int) -> nn.Module:
+        return _Slot(num_channels)
+
+    def act(self, num_channels: int, inplace: bool = False) -> tuple[nn.Module, nn.Module]:
+        return _Slot(num_channels), nn.ReLU(inplace)
+
+
+def first_failing_norm(build: Callable[[NormLayers], nn.Module], norm_layers: NormLayers) -> str:
+    """Name of the first norm slot of `build(norm_layers)` that `norm_layers` refuses, or ''."""
+    for name, m in build(_Slots("none")).named_modules():
         if isinstance(m, _Slot):
             try:
-                norm_layer(m.num_channels)
+                norm_layers.act(m.num_channels)
+                norm_layers(m.num_channels)
             except ValueError:
                 return name
     return ""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .common import NormFactory
+from .common import NormLayers
 
 # depth -> (block, blocks per stage)
 IMAGENET_CFG = {18: ("basic", [2, 2, 2, 2]), 34: ("basic", [3, 4, 6, 3]),
@@ -35,23 +35,26 @@ class ShortcutA(nn.Module):
         return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
 
 
-def projection(conv, norm_layer, in_ch, out_ch, stride) -> nn.Module:
-    return nn.Sequential(conv(in_ch, out_ch, 1, stride=stride, bias=False), norm_layer(out_ch))
+def projection(conv, norm_layers, in_ch, out_ch, stride) -> nn.Module:
+    return nn.Sequential(conv(in_ch, out_ch, 1, stride=stride, bias=False), norm_layers(out_ch))
 
 
 class BasicBlock(nn.Module):
+    """conv-norm-act, conv-norm, + shortcut, ReLU. The branch's last norm has no activation
+    of its own (a fused layer is built with its nonlinearity off): the ReLU after the sum is
+    the block's, for every norm, as in He et al. and the official EvoNorm ResNets."""
     expansion = 1
 
-    def __init__(self, in_ch, width, stride, conv, norm_layer, shortcut):
+    def __init__(self, in_ch, width, stride, conv, norm_layers, shortcut):
         super().__init__()
         self.conv1 = conv(in_ch, width, 3, stride=stride, padding=1, bias=False)
-        self.norm1 = norm_layer(width)
+        self.norm1, self.act1 = norm_layers.act(width)
         self.conv2 = conv(width, width, 3, padding=1, bias=False)
-        self.norm2 = norm_layer(width)
+        self.norm2 = norm_layers(width)
         self.shortcut = shortcut
 
     def forward(self, x):
-        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.act1(self.norm1(self.conv1(x)))
         out = self.norm2(self.conv2(out))
         return F.relu(out + self.shortcut(x))
 
@@ -64,19 +67,19 @@ class BasicBlock(nn.Module):
 class Bottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, in_ch, width, stride, conv, norm_layer, shortcut):
+    def __init__(self, in_ch, width, stride, conv, norm_layers, shortcut):
         super().__init__()
         self.conv1 = conv(in_ch, width, 1, bias=False)
-        self.norm1 = norm_layer(width)
+        self.norm1, self.act1 = norm_layers.act(width)
         self.conv2 = conv(width, width, 3, stride=stride, padding=1, bias=False)
-        self.norm2 = norm_layer(width)
+        self.norm2, self.act2 = norm_layers.act(width)
         self.conv3 = conv(width, width * 4, 1, bias=False)
-        self.norm3 = norm_layer(width * 4)
+        self.norm3 = norm_layers(width * 4)
         self.shortcut = shortcut
 
     def forward(self, x):
-        out = F.relu(self.norm1(self.conv1(x)))
-        out = F.relu(self.norm2(self.conv2(out)))
+        out = self.act1(self.norm1(self.conv1(x)))
+        out = self.act2(self.norm2(self.conv2(out)))
         out = self.norm3(self.conv3(out))
         return F.relu(out + self.shortcut(x))
 
@@ -86,7 +89,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, depth: int, conv: type[nn.Conv2d], norm_layer: NormFactory,
+    def __init__(self, depth: int, conv: type[nn.Conv2d], norm_layers: NormLayers,
                  num_classes: int = 10):
         super().__init__()
         if depth in IMAGENET_CFG:
@@ -96,8 +99,8 @@ class ResNet(nn.Module):
         else:
             block, blocks = BasicBlock, [(depth - 2) // 6] * 3
             widths, stem, option_a = [16, 32, 64], 16, True
-        self.stem = nn.Sequential(conv(3, stem, 3, padding=1, bias=False), norm_layer(stem),
-                                  nn.ReLU(True))
+        self.stem = nn.Sequential(conv(3, stem, 3, padding=1, bias=False),
+                                  *norm_layers.act(stem, inplace=True))
         stages, in_ch = [], stem
         for i, (width, n) in enumerate(zip(widths, blocks)):
             layers = []
@@ -109,8 +112,8 @@ class ResNet(nn.Module):
                 elif option_a:
                     shortcut = ShortcutA(stride, out_ch - in_ch)
                 else:
-                    shortcut = projection(conv, norm_layer, in_ch, out_ch, stride)
-                layers.append(block(in_ch, width, stride, conv, norm_layer, shortcut))
+                    shortcut = projection(conv, norm_layers, in_ch, out_ch, stride)
+                layers.append(block(in_ch, width, stride, conv, norm_layers, shortcut))
                 in_ch = out_ch
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)

@@ -1,10 +1,11 @@
 """CIFAR VGG (Simonyan & Zisserman 2015, as in the common CIFAR repos): 3x3 conv-norm-ReLU
-stacks, five max-pools down to 1x1, one linear classifier."""
+stacks (a fused norm-activation layer in place of norm-ReLU), five max-pools down to 1x1, one
+linear classifier."""
 from __future__ import annotations
 
 from torch import nn
 
-from .common import NormFactory
+from .common import NormLayers
 
 # Numbers are conv widths, "M" a 2x2 max-pool.
 CFG = {
@@ -18,7 +19,7 @@ DEPTHS = tuple(CFG)
 
 
 class VGG(nn.Module):
-    def __init__(self, depth: int, conv: type[nn.Conv2d], norm_layer: NormFactory,
+    def __init__(self, depth: int, conv: type[nn.Conv2d], norm_layers: NormLayers,
                  num_classes: int = 10):
         super().__init__()
         layers, in_ch = [], 3
@@ -26,7 +27,7 @@ class VGG(nn.Module):
             if v == "M":
                 layers.append(nn.MaxPool2d(2))
             else:
-                layers += [conv(in_ch, v, 3, padding=1, bias=False), norm_layer(v), nn.ReLU(True)]
+                layers += [conv(in_ch, v, 3, padding=1, bias=False), *norm_layers.act(v, inplace=True)]
                 in_ch = v
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(in_ch, num_classes)

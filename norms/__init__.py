@@ -1,20 +1,30 @@
-"""Normalization layers for micro-batch training: bn, syncbn, gn, ln, in, bcn, none, and WS.
+"""Normalization layers for micro-batch training, and WS.
 
     build_norm(name, num_channels, **options) -> nn.Module
+        bn syncbn gn ln in bcn brn frn evonorm_b0 evonorm_s0 mabn none
+    build_norm_act(name, num_channels, **options) -> (norm, activation)   "norm then ReLU"
+    conv_for(name, ws) -> the conv class before a norm (WSConv2d, CenConv2d for mabn, Conv2d)
     WSConv2d                                    Weight Standardization conv
-    configure_devices(model, virtual_devices, process_group)   set by the engine
+    configure_devices(model, virtual_devices, process_group, accumulate)   set by the engine
     check_statistics(model, input_shape)        impossible set-ups, before training
 
 This package imports only torch.
 """
 from .batchnorm import BatchNorm
+from .batchrenorm import BatchRenorm
 from .bcn import BatchChannelNorm, EstimatedBatchNorm
 from .check import check_statistics
 from .devices import DeviceAware, configure_devices
-from .factory import NORMS, OPTIONS, build_norm, resolve_groups
+from .evonorm import EvoNormB0, EvoNormS0
+from .factory import (NORM_SPECS, NORMS, OPTIONS, FusedActivation, build_norm, build_norm_act,
+                      conv_for, resolve_groups)
+from .frn import FilterResponseNorm
 from .groupnorm import GroupNorm
+from .mabn import CenConv2d, MovingAverageBatchNorm
 from .ws import WSConv2d
 
-__all__ = ["NORMS", "OPTIONS", "BatchNorm", "BatchChannelNorm", "DeviceAware",
-           "EstimatedBatchNorm", "GroupNorm", "WSConv2d", "build_norm", "check_statistics",
-           "configure_devices", "resolve_groups"]
+__all__ = ["NORMS", "NORM_SPECS", "OPTIONS", "BatchNorm", "BatchRenorm", "BatchChannelNorm",
+           "CenConv2d", "DeviceAware", "EstimatedBatchNorm", "EvoNormB0", "EvoNormS0",
+           "FilterResponseNorm", "FusedActivation", "GroupNorm", "MovingAverageBatchNorm",
+           "WSConv2d", "build_norm", "build_norm_act", "check_statistics", "configure_devices",
+           "conv_for", "resolve_groups"]

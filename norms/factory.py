@@ -1,20 +1,100 @@
-"""One factory for every normalization layer: `build_norm(name, num_channels, **options)`.
+"""One factory for every normalization layer: `build_norm(name, num_channels, **options)`, and
+the norm-activation seam `build_norm_act`.
 
 Every layer takes the channel count first, so any of them drops in anywhere (timm's habit).
 One options dict configures any norm: options a norm has no use for are ignored (`groups` means
-nothing to bn), unknown option names are an error.
+nothing to bn), unknown option names and invalid values of used options are an error naming the
+norm, the option, the value and what is allowed.
+
+Norm + activation: a model asks for "norm then ReLU" with `build_norm_act`, which returns the
+pair (norm, activation): a plain norm and `nn.ReLU`, or a fused layer (FRN+TLU, EvoNorm) with
+its nonlinearity on and `FusedActivation` (an identity that marks where the activation is). A
+norm with no activation after it (the end of a residual branch, a projection shortcut) is
+`build_norm(name, C, act=False)`: the plain norm, or the fused layer with its nonlinearity off.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
 
 from torch import nn
 
 from .batchnorm import BatchNorm
+from .batchrenorm import BatchRenorm
 from .bcn import BatchChannelNorm
+from .evonorm import EvoNormB0, EvoNormS0
+from .frn import FilterResponseNorm
 from .groupnorm import GroupNorm
+from .mabn import CenConv2d, MovingAverageBatchNorm
 
-NORMS = ("bn", "syncbn", "gn", "ln", "in", "bcn", "none")
-OPTIONS = ("groups", "channels_per_group", "eps", "momentum", "sync_stats")
 DEFAULT_GROUPS = 32  # GN paper and the BCN authors' code
+
+
+class FusedActivation(nn.Identity):
+    """Stands where "norm then ReLU" has its ReLU when the norm before it is a fused
+    norm-activation layer (FRN+TLU, EvoNorm): the activation already happened there."""
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """What the factory knows about one norm: how to build it from its options, which options
+    it uses (with their defaults), and what a model must know without knowing the norm."""
+    build: Callable[..., nn.Module]
+    defaults: dict = field(default_factory=dict)
+    grouped: bool = False          # takes groups / channels_per_group
+    fused_act: bool = False        # replaces "norm then ReLU"; takes act
+    conv: type[nn.Conv2d] = nn.Conv2d  # the convolution before it (mabn: centred filters)
+
+
+def _bn(sync: bool) -> Callable[..., nn.Module]:
+    return lambda c, **o: BatchNorm(c, sync=sync, **o)
+
+
+NORM_SPECS: dict[str, NormSpec] = {
+    "bn": NormSpec(_bn(False), {"eps": 1e-5, "momentum": 0.1}),
+    "syncbn": NormSpec(_bn(True), {"eps": 1e-5, "momentum": 0.1}),
+    "gn": NormSpec(lambda c, groups, eps: GroupNorm(groups, c, eps=eps), {"eps": 1e-5},
+                   grouped=True),
+    "ln": NormSpec(lambda c, eps: GroupNorm(1, c, eps=eps), {"eps": 1e-5}),
+    "in": NormSpec(lambda c, eps: GroupNorm(c, c, eps=eps), {"eps": 1e-5}),
+    "bcn": NormSpec(BatchChannelNorm, {"eps": 1e-5, "momentum": 0.1, "sync_stats": True},
+                    grouped=True),
+    "brn": NormSpec(BatchRenorm, {"eps": 1e-5, "momentum": 0.01, "r_max": 3.0, "d_max": 5.0,
+                                  "renorm_from": 5000, "r_max_at": 40000, "d_max_at": 25000}),
+    "frn": NormSpec(FilterResponseNorm, {"eps": 1e-6, "learned_eps": False}, fused_act=True),
+    "evonorm_b0": NormSpec(EvoNormB0, {"eps": 1e-5, "momentum": 0.1}, fused_act=True),
+    "evonorm_s0": NormSpec(EvoNormS0, {"eps": 1e-5}, grouped=True, fused_act=True),
+    "mabn": NormSpec(MovingAverageBatchNorm, {
+        "eps": 1e-5, "momentum": 0.02, "buffer_size": 16, "warmup": 100, "renorm_from": 1000,
+        "r_max": 5.0}, conv=CenConv2d),
+    "none": NormSpec(lambda c: nn.Identity()),
+}
+NORMS = tuple(NORM_SPECS)
+OPTIONS = ("groups", "channels_per_group", "eps", "momentum", "sync_stats", "r_max", "d_max",
+           "renorm_from", "r_max_at", "d_max_at", "warmup", "buffer_size", "learned_eps", "act")
+
+
+def _number(low: float, high: float | None = None, low_open: bool = False):
+    def ok(v) -> bool:
+        return (isinstance(v, (int, float)) and not isinstance(v, bool)
+                and (v > low if low_open else v >= low) and (high is None or v <= high))
+    if high is not None:
+        return ok, f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+    return ok, f"a number {'>' if low_open else '>='} {low:g}"
+
+
+def _integer(low: int):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low,
+            f"an integer >= {low}")
+
+
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+# option -> (check, what is allowed)
+CHECKS = {"eps": _number(0, low_open=True), "momentum": _number(0, 1, low_open=True),
+          "sync_stats": _BOOL, "learned_eps": _BOOL, "act": _BOOL,
+          "r_max": _number(1), "d_max": _number(0), "renorm_from": _integer(0),
+          "r_max_at": _integer(0), "d_max_at": _integer(0), "warmup": _integer(0),
+          "buffer_size": _integer(1)}
 
 
 def resolve_groups(norm: str, num_channels: int, groups: int | None = None,
@@ -40,46 +120,66 @@ def resolve_groups(norm: str, num_channels: int, groups: int | None = None,
 def build_norm(name: str, num_channels: int, **options) -> nn.Module:
     """A normalization layer for `num_channels` channels.
 
-    name: bn, syncbn, gn, ln, in, bcn or none.
-    options: groups | channels_per_group (gn, bcn; default 32 groups), eps (default 1e-5),
-    momentum (bn/syncbn running-statistics rate, None = cumulative; bcn: the update rate r;
-    default 0.1), sync_stats (bcn: estimates from the global batch, default True, or private
-    per-device estimates).
+    name: bn, syncbn, gn, ln, in, bcn, brn, frn, evonorm_b0, evonorm_s0, mabn or none.
+    options (each used by the norms named; defaults in NORM_SPECS):
+      groups | channels_per_group  gn, bcn, evonorm_s0 (default 32 groups)
+      eps                          every norm (1e-5; frn 1e-6)
+      momentum                     running-statistics update rate: bn, syncbn (None: cumulative
+                                   average), bcn (the estimate rate r), brn (0.01),
+                                   evonorm_b0 (0.1), mabn (0.02)
+      sync_stats                   bcn: estimates from the global batch (True) or per device
+      r_max, d_max                 brn (3, 5), mabn (r_max 5): r and d clipping
+      renorm_from                  brn (5000), mabn (1000): optimizer steps with r = 1, d = 0
+      r_max_at, d_max_at           brn (40000, 25000): steps at which r_max, d_max are reached
+      warmup, buffer_size          mabn (100, 16): steps on the current batch's statistics; m
+      learned_eps                  frn: eps = 1e-6 + |eps_l| learned
+      act                          frn, evonorm_*: the layer's nonlinearity (default True)
     """
-    if name not in NORMS:
+    if name not in NORM_SPECS:
         raise ValueError(f"norm={name!r} is unknown; allowed: {', '.join(NORMS)}")
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(OPTIONS)}")
     _check_positive_int(name, "num_channels", num_channels)
-    eps = options.get("eps", 1e-5)
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not eps > 0:
-        raise ValueError(f"{name}: eps={eps!r} must be a number > 0")
-    momentum = options.get("momentum", 0.1)
-    if not (momentum is None and name in ("bn", "syncbn")) and not (
-            isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
-            and 0 < momentum <= 1):
-        raise ValueError(f"{name}: momentum={momentum!r} must be in (0, 1]"
-                         + (" or None" if name in ("bn", "syncbn") else ""))
+    spec = NORM_SPECS[name]
+    kwargs = {}
+    for key, default in spec.defaults.items():
+        value = options.get(key, default)
+        if not (key == "momentum" and value is None and name in ("bn", "syncbn")):
+            ok, allowed = CHECKS[key]
+            if not ok(value):
+                allowed += " or None" if key == "momentum" and name in ("bn", "syncbn") else ""
+                raise ValueError(f"{name}: {key}={value!r} is invalid; allowed: {allowed}")
+        kwargs[key] = value
+    for key in ("r_max_at", "d_max_at"):
+        if key in kwargs and kwargs[key] < kwargs["renorm_from"]:
+            raise ValueError(f"{name}: {key}={kwargs[key]} is before renorm_from="
+                             f"{kwargs['renorm_from']}; allowed: an integer >= renorm_from")
+    if spec.grouped:
+        kwargs["groups"] = resolve_groups(name, num_channels, options.get("groups"),
+                                          options.get("channels_per_group"))
+    if spec.fused_act:
+        act = options.get("act", True)
+        if not CHECKS["act"][0](act):
+            raise ValueError(f"{name}: act={act!r} is invalid; allowed: true or false")
+        kwargs["act"] = act
+    return spec.build(num_channels, **kwargs)
 
-    if name == "none":
-        return nn.Identity()
-    if name in ("bn", "syncbn"):
-        return BatchNorm(num_channels, eps=eps, momentum=momentum, sync=name == "syncbn")
-    if name == "ln":
-        return GroupNorm(1, num_channels, eps=eps)
-    if name == "in":
-        return GroupNorm(num_channels, num_channels, eps=eps)
-    groups = resolve_groups(name, num_channels, options.get("groups"),
-                            options.get("channels_per_group"))
-    if name == "gn":
-        return GroupNorm(groups, num_channels, eps=eps)
-    sync_stats = options.get("sync_stats", True)
-    if not isinstance(sync_stats, bool):
-        raise ValueError(f"{name}: sync_stats={sync_stats!r} must be true or false")
-    return BatchChannelNorm(num_channels, groups=groups, momentum=momentum, eps=eps,
-                            sync_stats=sync_stats)
+
+def build_norm_act(name: str, num_channels: int, inplace: bool = False,
+                   **options) -> tuple[nn.Module, nn.Module]:
+    """"norm then ReLU" as the pair (norm, activation): (norm, nn.ReLU) for a plain norm,
+    (fused layer, FusedActivation) for one that replaces the pair (frn, evonorm_*)."""
+    if name in NORM_SPECS and NORM_SPECS[name].fused_act:
+        return build_norm(name, num_channels, **{**options, "act": True}), FusedActivation()
+    return build_norm(name, num_channels, **options), nn.ReLU(inplace=inplace)
+
+
+def conv_for(name: str, ws: bool) -> type[nn.Conv2d]:
+    """The convolution class before a norm: WS, or the norm's own (mabn: centred filters)."""
+    from .ws import WSConv2d
+    return WSConv2d if ws else NORM_SPECS[name].conv
 
 
 def _check_positive_int(norm: str, key: str, value) -> None:

@@ -42,22 +42,34 @@ class Standardize(torch.autograd.Function):
         dL/dw = dL/dc - mean(dL/dc) = (g - mean(g) - c (g . c) / (d s (n - 1))) / d
 
     since mean(c) = 0. tests/test_norms.py checks it against autograd in float64.
+
+    Double backward (create_graph=True, e.g. a Hessian-vector product): the backward then
+    recomputes c, s and d from the weight with differentiable ops, so the formula above is
+    differentiated through them too (tests/test_micro_norms.py checks it against autograd).
     """
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        w = weight.flatten(1)
-        centred = w - w.mean(1, keepdim=True)
-        # The unbiased std as a norm: CPU's std_mean kernel is several times slower.
-        std = torch.linalg.vector_norm(centred, dim=1, keepdim=True) / math.sqrt(w.shape[1] - 1)
-        denom = std + eps
-        ctx.save_for_backward(centred, std, denom)
+        centred, std, denom = _moments(weight, eps)
+        ctx.eps = eps
+        ctx.save_for_backward(weight, centred, std, denom)
         return (centred / denom).view_as(weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        centred, std, denom = ctx.saved_tensors
+        weight, centred, std, denom = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: keep the path through the weight
+            centred, std, denom = _moments(weight, ctx.eps)
         g = grad.reshape(centred.shape)
         k = torch.linalg.vecdot(g, centred, dim=1).unsqueeze(1) / (denom * std * (g.shape[1] - 1))
         dw = torch.addcmul(g - g.mean(1, keepdim=True), centred, k, value=-1) / denom
         return dw.view_as(grad), None
+
+
+def _moments(weight: torch.Tensor, eps: float):
+    """Per filter: the centred weights c, their unbiased std s, and d = s + eps."""
+    w = weight.flatten(1)
+    centred = w - w.mean(1, keepdim=True)
+    # The unbiased std as a norm: CPU's std_mean kernel is several times slower.
+    std = torch.linalg.vector_norm(centred, dim=1, keepdim=True) / math.sqrt(w.shape[1] - 1)
+    return centred, std, std + eps

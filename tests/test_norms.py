@@ -322,9 +322,21 @@ def test_factory_builds_each_norm():
     ("gn", 12, {"groups": 0}, r"groups=0 must be an integer >= 1"),
     ("gn", 12, {"groups": 2.5}, r"groups=2.5 must be an integer"),
     ("bn", 0, {}, r"num_channels=0"),
-    ("bn", 8, {"eps": -1}, r"eps=-1 must be a number > 0"),
-    ("bn", 8, {"momentum": 1.5}, r"momentum=1.5 must be in \(0, 1\] or None"),
-    ("bcn", 8, {"momentum": None, "groups": 2}, r"momentum=None must be in \(0, 1\]$"),
+    ("bn", 8, {"eps": -1}, r"bn: eps=-1 is invalid; allowed: a number > 0"),
+    ("bn", 8, {"momentum": 1.5}, r"momentum=1.5 is invalid; allowed: a number in \(0, 1\] or None"),
+    ("bcn", 8, {"momentum": None, "groups": 2}, r"momentum=None is invalid; allowed: a number in "
+                                                r"\(0, 1\]$"),
+    ("brn", 8, {"r_max": 0.5}, r"brn: r_max=0.5 is invalid; allowed: a number >= 1"),
+    ("mabn", 8, {"r_max": 0.9}, r"mabn: r_max=0.9 is invalid; allowed: a number >= 1"),
+    ("brn", 8, {"d_max": -1}, r"brn: d_max=-1 is invalid; allowed: a number >= 0"),
+    ("brn", 8, {"renorm_from": 100, "d_max_at": 50}, r"brn: d_max_at=50 is before renorm_from=100"),
+    ("brn", 8, {"renorm_from": 2.5}, r"brn: renorm_from=2.5 is invalid; allowed: an integer >= 0"),
+    ("frn", 8, {"eps": 0.0}, r"frn: eps=0.0 is invalid; allowed: a number > 0"),
+    ("frn", 8, {"learned_eps": "yes"}, r"frn: learned_eps='yes' is invalid; allowed: true or false"),
+    ("evonorm_b0", 8, {"eps": -1e-5}, r"evonorm_b0: eps=-1e-05 is invalid"),
+    ("evonorm_s0", 12, {"groups": 5}, r"evonorm_s0: groups=5 does not divide num_channels=12"),
+    ("mabn", 8, {"buffer_size": 0}, r"mabn: buffer_size=0 is invalid; allowed: an integer >= 1"),
+    ("mabn", 8, {"warmup": -1}, r"mabn: warmup=-1 is invalid; allowed: an integer >= 0"),
     ("gn", 8, {"group": 2}, r"unknown option\(s\) group; allowed: groups"),
 ])
 def test_factory_rejects_bad_options(name, channels, options, match):
@@ -390,5 +402,5 @@ def test_bcn_private_estimates_per_virtual_device():
     avg.load_state_dict({**layer.state_dict(), "estimated_bn.mu_hat": ebn.mu_hat.mean(0),
                          "estimated_bn.var_hat": ebn.var_hat.mean(0)})
     torch.testing.assert_close(layer(x), avg(x))
-    with pytest.raises(ValueError, match="sync_stats='no' must be true or false"):
+    with pytest.raises(ValueError, match="bcn: sync_stats='no' is invalid; allowed: true or false"):
         build_norm("bcn", 6, groups=2, sync_stats="no")
