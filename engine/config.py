@@ -38,13 +38,23 @@ class ModelConfig:
 
 @dataclass
 class NormConfig:
-    name: str = MISSING              # bn | syncbn | gn | ln | in | bcn | none
+    name: str = MISSING              # one of norms.NORMS (the `norm` group's presets)
     ws: bool = False                 # Weight Standardization on every convolution
-    groups: Optional[int] = None     # gn, bcn (or channels_per_group); default set per preset
+    groups: Optional[int] = None     # gn, bcn, evonorm_s0 (or channels_per_group)
     channels_per_group: Optional[int] = None
     eps: float = 1e-5
-    momentum: Optional[float] = 0.1  # bn running-stat rate; bcn: the estimate update rate r
+    momentum: Optional[float] = 0.1  # running-statistics update rate (bcn: the estimate rate r)
     sync_stats: bool = True          # bcn: estimates from the global batch, or per device
+    r_max: Optional[float] = None    # brn, mabn: r clipped to [1/r_max, r_max]
+    d_max: Optional[float] = None    # brn: d clipped to [-d_max, d_max]
+    # Optimizer steps, or fractions of the run's steps with schedule_unit=run:
+    renorm_from: Optional[float] = None  # brn, mabn: r = 1 (and d = 0) until this step
+    r_max_at: Optional[float] = None     # brn: r_max reached (linear from renorm_from)
+    d_max_at: Optional[float] = None     # brn: d_max reached
+    warmup: Optional[float] = None       # mabn: steps on the current batch's statistics
+    schedule_unit: str = "steps"     # steps | run
+    simulated_batch: Optional[int] = None  # mabn: averages over simulated_batch / b steps
+    learned_eps: bool = False        # frn: eps = 1e-6 + |eps_l|, learned
 
 
 @dataclass
@@ -139,14 +149,44 @@ def global_batch(cfg) -> int:
     return cfg.batch_size_per_device * t.devices * t.virtual_devices * t.accumulate
 
 
-def norm_options(cfg) -> dict[str, Any]:
-    """The options `build_norm` takes, from the norm config."""
+SCHEDULE_UNITS = ("steps", "run")
+STEP_KEYS = ("renorm_from", "r_max_at", "d_max_at", "warmup")  # counted in optimizer steps
+
+
+def norm_options(cfg, total_steps: int | None = None) -> dict[str, Any]:
+    """The options `build_norm` takes, from the norm config. Step-valued keys become optimizer
+    steps: as given, or with norm.schedule_unit=run as fractions of `total_steps` (the run's
+    optimizer steps; None while validating, before the data fixes it)."""
     n = cfg.norm
-    opts = {"eps": n.eps, "momentum": n.momentum, "sync_stats": n.sync_stats}
+    opts = {"eps": n.eps, "momentum": n.momentum, "sync_stats": n.sync_stats,
+            "learned_eps": n.learned_eps}
     if n.channels_per_group is not None:
         opts["channels_per_group"] = n.channels_per_group
     elif n.groups is not None:
         opts["groups"] = n.groups
+    for key in ("r_max", "d_max"):
+        if n[key] is not None:
+            opts[key] = n[key]
+    for key in STEP_KEYS:
+        value = n[key]
+        if value is None:
+            continue
+        if n.schedule_unit == "run":
+            _require(0 <= value <= 1, f"norm.{key}", value,
+                     "a fraction of the run in [0, 1] with norm.schedule_unit=run")
+            opts[key] = round(value * (total_steps or 10_000))
+        else:
+            _require(value >= 0 and float(value).is_integer(), f"norm.{key}", value,
+                     "a whole number of optimizer steps >= 0 (or norm.schedule_unit=run and "
+                     "a fraction of the run)")
+            opts[key] = int(value)
+    if n.simulated_batch is not None:
+        b = cfg.batch_size_per_device
+        _require(n.simulated_batch >= 1 and (n.simulated_batch % b == 0 or b >= n.simulated_batch),
+                 "norm.simulated_batch", n.simulated_batch,
+                 f"a multiple of batch_size_per_device={b} (the moving averages span "
+                 "simulated_batch / b steps)")
+        opts["buffer_size"] = max(1, n.simulated_batch // b)
     return opts
 
 
@@ -203,6 +243,8 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("trainer.device='cuda' but no CUDA device is visible; "
                               "allowed here: auto, cpu")
     validate_fast_paths(cfg)
+    _require(cfg.norm.schedule_unit in SCHEDULE_UNITS, "norm.schedule_unit",
+             cfg.norm.schedule_unit, ", ".join(SCHEDULE_UNITS))
     if t.accumulate > 1 and (cfg.norm.name == "syncbn"
                              or (cfg.norm.name == "bcn" and cfg.norm.sync_stats)):
         log.warning("trainer.accumulate=%d with norm=%s: each accumulation step is its own "
@@ -223,7 +265,7 @@ def validate(cfg: DictConfig) -> None:
                             **norm_options(cfg))
     except ValueError as e:
         raise ConfigError(config_keys(str(e))) from None
-    configure_devices(model, t.virtual_devices)
+    configure_devices(model, t.virtual_devices, accumulate=t.accumulate)
     try:
         check_statistics(model, (cfg.batch_size_per_device, 3, 32, 32))
     except ValueError as e:
@@ -290,6 +332,7 @@ def cxx_compiler() -> str | None:
 
 def config_keys(message: str) -> str:
     """Speak in config keys: the norm factory says `groups=`, the user typed `norm.groups=`."""
-    for key in ("groups", "channels_per_group", "eps", "momentum", "sync_stats"):
+    from norms import OPTIONS
+    for key in OPTIONS:
         message = message.replace(f": {key}=", f": norm.{key}=")
     return message.replace("norm='", "norm.name='")

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models import build_model
-from norms import configure_devices
+from norms import DeviceAware, configure_devices
 
 from . import checkpoint
 from .config import PRECISIONS, ConfigError, global_batch, norm_label, norm_options
@@ -323,7 +323,8 @@ def evaluate(model, split, mean, std, batch_size: int, proc: Process,
     return loss / n, 100.0 * correct / n
 
 
-def probe(model, split, mean, std, virtual_devices: int, proc: Process) -> dict:
+def probe(model, split, mean, std, virtual_devices: int, accumulate: int,
+          proc: Process) -> dict:
     """Beyond-BatchNorm probes (engine.diagnostics) at the current weights, on a fixed batch of
     test images; side-effect free. Runs on rank 0 alone, so cross-process statistics are
     switched to this process for the measurement."""
@@ -335,7 +336,7 @@ def probe(model, split, mean, std, virtual_devices: int, proc: Process) -> dict:
     try:
         m = measure(model, x, y)
     finally:
-        configure_devices(model, virtual_devices, proc.group)
+        configure_devices(model, virtual_devices, proc.group, accumulate)
     return {**m.summary(), "layers": [r.layer for r in m.layers],
             "activation_var": [r.activation_var for r in m.layers],
             "grad_norm": [r.grad_norm for r in m.layers]}
@@ -348,20 +349,33 @@ def reduce_sum(t: torch.Tensor, proc: Process) -> torch.Tensor:
 
 
 @torch.no_grad()
-def average_buffers(model, proc: Process) -> None:
-    """Average floating-point buffers (BN running statistics) over processes.
+def sync_buffers(model, proc: Process) -> None:
+    """Make every process's buffers the same, before evaluating and saving a checkpoint.
 
-    Each process updates its copy from its own devices' batches; the update is linear, so one
-    average before use equals averaging every step, as virtual devices do (norms/batchnorm.py).
-    Synchronised buffers (syncbn, bcn) are equal everywhere and stay so.
+    Floating-point buffers (BN running statistics) are averaged: each process updates its copy
+    from its own devices' batches, and the update is linear, so one average before use equals
+    averaging every step, as virtual devices do (norms/batchnorm.py). Synchronised buffers
+    (syncbn, bcn, brn) are equal everywhere and stay so. Per-device buffers (a layer's
+    `per_device_buffers`, dim 0 the device index: MABN's moving averages) are gathered: each
+    process contributes its own rows. One all-reduce for all of them.
     """
     if proc.world_size == 1:
         return
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
-    if buffers:
-        flat = reduce_sum(torch.cat([b.flatten() for b in buffers]), proc) / proc.world_size
-        for b, avg in zip(buffers, flat.split([b.numel() for b in buffers])):
-            b.copy_(avg.view_as(b))
+    per_device = {id(getattr(m, name)): getattr(m, name) for m in model.modules()
+                  if isinstance(m, DeviceAware) for name in m.per_device_buffers}
+    averaged = [b for b in model.buffers() if b.is_floating_point() and id(b) not in per_device]
+    gathered = list(per_device.values())
+    parts = [b.flatten() for b in averaged]
+    for b in gathered:  # this process's rows, zeros elsewhere: the sum gathers every row
+        rows = b.shape[0] // proc.world_size
+        mine = torch.zeros_like(b)
+        mine[proc.rank * rows:(proc.rank + 1) * rows] = b[proc.rank * rows:(proc.rank + 1) * rows]
+        parts.append(mine.flatten())
+    if parts:
+        flat = reduce_sum(torch.cat(parts), proc)
+        values = flat.split([b.numel() for b in averaged + gathered])
+        for i, (b, value) in enumerate(zip(averaged + gathered, values)):
+            b.copy_((value / proc.world_size if i < len(averaged) else value).view_as(b))
 
 
 # ---------------------------------------------------------------- the run
@@ -415,10 +429,11 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
     seed_everything(cfg.seed)
     model = build_model(cfg.model.arch, cfg.model.depth, norm=cfg.norm.name, ws=cfg.norm.ws,
                         num_classes=len(data.classes),
-                        zero_init_residual=cfg.model.zero_init_residual, **norm_options(cfg))
+                        zero_init_residual=cfg.model.zero_init_residual,
+                        **norm_options(cfg, total_steps=t.epochs * steps))
     model.to(proc.device, memory_format=torch.channels_last if t.channels_last
              else torch.preserve_format)
-    configure_devices(model, t.virtual_devices, proc.group)
+    configure_devices(model, t.virtual_devices, proc.group, t.accumulate)
     step = Step.from_config(t, proc)
     net = model
     if proc.world_size > 1:
@@ -477,7 +492,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
                 log.warning("epoch %d: non-finite training loss; stopping (status diverged)",
                             epoch + 1)
                 break
-            average_buffers(model, proc)
+            sync_buffers(model, proc)
             test_loss, test_acc = evaluate(model, data.test, data.mean, data.std,
                                            cfg.data.eval_batch_size, proc, step.memory_format)
             metrics = {"epoch": epoch + 1, "train_loss": train_loss,
@@ -487,7 +502,8 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
                        "elapsed_s": time.perf_counter() - started}
             history.append(metrics)
             if t.probe_every and (epoch + 1) % t.probe_every == 0 and proc.is_main:
-                probes = probe(model, data.test, data.mean, data.std, t.virtual_devices, proc)
+                probes = probe(model, data.test, data.mean, data.std, t.virtual_devices,
+                               t.accumulate, proc)
                 probe_history.append({"epoch": epoch + 1, **probes})
                 tracker.log({"epoch": epoch + 1, **{f"probe/{k}": v for k, v in probes.items()
                                                     if isinstance(v, float)}})

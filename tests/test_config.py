@@ -36,7 +36,8 @@ def test_contract_keys_override():
                    "trainer.virtual_devices=4", "trainer.accumulate=2", "optim.lr=0.05",
                    "logger.mode=disabled")
     assert global_batch(cfg) == 2 * 2 * 4 * 2
-    assert norm_options(cfg) == {"eps": 1e-5, "momentum": 0.1, "sync_stats": True, "groups": 16}
+    assert norm_options(cfg) == {"eps": 1e-5, "momentum": 0.1, "sync_stats": True,
+                                 "learned_eps": False, "groups": 16}
     assert cfg.data.train_subset == 1000 and cfg.trainer.epochs == 4
 
 
@@ -69,7 +70,7 @@ def test_typed_schema_rejects_at_composition(override):
     (["norm=gn", "norm.groups=32"], r"resnet20 layer stem.1: gn: norm.groups=32 does not divide "
                                     r"num_channels=16; allowed: \[1, 2, 4, 8, 16\]"),
     (["norm=bcn", "norm.groups=3"], r"norm.groups=3 does not divide"),
-    (["norm.eps=0"], r"norm.eps=0.0 must be a number > 0"),
+    (["norm.eps=0"], r"norm.eps=0.0 is invalid; allowed: a number > 0"),
     (["data.name=mnist"], r"data.name='mnist' is invalid; allowed: cifar10, cifar100, synthetic"),
     (["data.root=null", "data.download=false"], r"data.root=None: set data.root"),
     (["data.train_subset=-1"], r"data.train_subset=-1"),
@@ -139,13 +140,14 @@ def _sweep_cells(experiment: str) -> list:
 
 def test_microbatch_preset_keeps_the_global_batch_at_64():
     cells = _sweep_cells("microbatch")
-    assert len(cells) == 7 * 7
+    assert len(cells) == 12 * 7
     for cfg in cells:
         assert cfg.trainer.virtual_devices * cfg.batch_size_per_device == 64
         assert global_batch(cfg) == 64 and cfg.trainer.accumulate == 1
     assert {c.batch_size_per_device for c in cells} == {1, 2, 4, 8, 16, 32, 64}
     assert {c.norm.name + ("_ws" if c.norm.ws else "") for c in cells} == {
-        "bn", "bn_ws", "gn", "gn_ws", "ln", "in", "bcn_ws"}
+        "bn", "bn_ws", "gn", "gn_ws", "ln", "in", "bcn_ws", "brn", "frn", "evonorm_b0",
+        "evonorm_s0", "mabn"}
     with pytest.raises(Exception, match="must divide the experiment's global batch 64"):
         make_cfg("experiment=microbatch", "batch_size_per_device=3").trainer.virtual_devices
 

@@ -50,7 +50,13 @@ def test_self_launch_and_torchrun_run_the_same_ddp_job(tmp_path):
         metrics(tmp_path / "torchrun")[-1]["test_loss"]  # the very same computation
 
 
-@pytest.mark.parametrize("norm", ["bn", "syncbn", "bcn_ws", "bcn_ws norm.sync_stats=false"])
+# Per-device norms with state, their schedules inside this 32-step run.
+STATEFUL = ["brn norm.schedule_unit=run norm.renorm_from=0.25 norm.r_max_at=0.75 "
+            "norm.d_max_at=0.5", "evonorm_b0", "mabn norm.warmup=4 norm.renorm_from=8"]
+
+
+@pytest.mark.parametrize("norm", ["bn", "syncbn", "bcn_ws", "bcn_ws norm.sync_stats=false",
+                                  *STATEFUL])
 def test_ddp_equals_virtual_devices(tmp_path, norm):
     norm = f"norm={norm}".split()
     res = run_cli(*SMALL, *norm, "trainer.devices=2", "hydra.run.dir=ddp", cwd=tmp_path)
@@ -63,13 +69,15 @@ def test_ddp_equals_virtual_devices(tmp_path, norm):
             assert_same_run(metrics(tmp_path / "ddp"), metrics(tmp_path / "joint"))
 
 
-@pytest.mark.parametrize("norm", ["bn", "gn"])
+@pytest.mark.parametrize("norm", ["bn", "gn", *STATEFUL])
 def test_accumulation_gives_the_same_training_losses(tmp_path, norm):
-    """Per-device statistics only: running statistics (eval) differ, as documented."""
-    run(make_cfg(*SMALL, f"norm={norm}", "trainer.virtual_devices=2"), tmp_path / "virtual")
-    run(make_cfg(*SMALL, f"norm={norm}", "trainer.accumulate=2"), tmp_path / "accumulate")
+    """Per-device statistics only. BN's running statistics (eval) differ, as documented; the
+    newer stateful norms count optimizer steps and devices, so they give the same eval too."""
+    norm = f"norm={norm}".split()
+    run(make_cfg(*SMALL, *norm, "trainer.virtual_devices=2"), tmp_path / "virtual")
+    run(make_cfg(*SMALL, *norm, "trainer.accumulate=2"), tmp_path / "accumulate")
     assert_same_run(metrics(tmp_path / "virtual"), metrics(tmp_path / "accumulate"),
-                    train_only=norm == "bn")
+                    train_only=norm == ["norm=bn"])
 
 
 @pytest.mark.parametrize("launcher", ["basic", "parallel"])
