@@ -1,20 +1,24 @@
-"""Report a sweep: one CSV row per run, a test-error table and the GN paper's Figure 1.
+"""Report a sweep: one CSV row per run, a test-error table, a ranking and the GN paper's
+Figure 1.
 
-    python scripts/report.py RUN_DIRS... --out DIR
+    python scripts/report.py RUNS... --out DIR
     python scripts/report.py --wandb ENTITY/PROJECT --group NAME --out DIR
 
-RUN_DIRS are run directories or any folder above them (a sweep's `multirun/<name>/`): every
-summary.json below them is one finished run. Runs that have started but hold no summary.json
-(still going, or interrupted) are listed on stderr and left out. `--wandb` reads the same
-fields from a wandb project (the tracker logs the run's identity as config and the summary at
-finish), so everything after loading is one code path.
+RUNS are run directories or any folder above them (a sweep's `multirun/<name>/`): every
+summary.json below them is one finished run; or the summary.csv of an earlier report, whose
+rows join the new ones (a study extended later, its first runs' folders long gone). Runs that
+have started but hold no summary.json (still going, or interrupted) are listed on stderr and
+left out. `--wandb` reads the same fields from a wandb project (the tracker logs the run's
+identity as config and the summary at finish), so everything after loading is one code path.
 
 Writes to DIR:
   summary.csv         one row per run (COLUMNS below), sorted by model, depth, norm, b, seed
   table.md            per model: test error (%) as mean ± std over seeds, norm x batch size
                       per device (also printed)
+  ranking.md          per model: every method's error at b = 1 and b = 2 and its gap to BN at
+                      b = 64, sorted by the error at b = 1
   error_vs_batch.png  test error vs. batch size per device, log2 axis, one line per norm
-                      (Wu & He 2018, Figure 1)
+                      (Wu & He 2018, Figure 1); a norm keeps its colour and marker in every plot
 Exit status 2, with one line, when a path does not exist or no finished run is found.
 """
 from __future__ import annotations
@@ -43,7 +47,18 @@ SUMMARY_KEYS = ("status", "test_acc", "best_test_acc", "test_loss", "train_loss"
 FINISHED = ("completed", "diverged")
 RUN_FILES = ("summary.json", "metrics.jsonl", "config.yaml")  # any one: a run has started
 SKIP_DIRS = {".submitit", "wandb", "checkpoints", ".hydra"}
-NORM_ORDER = ("bn", "syncbn", "gn", "ln", "in", "bcn", "none")
+NORM_ORDER = ("bn", "syncbn", "gn", "ln", "in", "bcn", "brn", "frn", "evonorm_b0", "evonorm_s0",
+              "mabn", "none")
+# A norm's colour and marker, fixed whichever norms a report holds; _ws dashes the line, the
+# per-device-statistics ablation dots it.
+STYLE = {"bn": ("#1f77b4", "o"), "syncbn": ("#17becf", "v"), "gn": ("#2ca02c", "s"),
+         "ln": ("#bcbd22", "P"), "in": ("#8c564b", "X"), "bcn": ("#d62728", "D"),
+         "brn": ("#ff7f0e", "^"), "frn": ("#9467bd", "h"), "evonorm_b0": ("#e377c2", "<"),
+         "evonorm_s0": ("#7f7f7f", ">"), "mabn": ("#000000", "*"), "none": ("#aec7e8", ".")}
+INT_COLUMNS = ("depth", "batch_size_per_device", "devices", "virtual_devices", "accumulate",
+               "global_batch", "epochs", "seed", "epochs_completed")
+FLOAT_COLUMNS = ("test_acc", "best_test_acc", "test_error", "test_loss", "train_loss",
+                 "images_per_sec", "wall_time_s")
 MODEL_NAMES = {"resnet": "ResNet", "vgg": "VGG"}
 MISSING = "—"
 
@@ -76,10 +91,33 @@ def find_run_dirs(root: Path) -> list[Path]:
     return found
 
 
+def load_csv(path: Path) -> list[dict]:
+    """The rows of an earlier report's summary.csv, typed as load_local's."""
+    def typed(key, text):
+        if text == "" or text is None:
+            return None
+        if key in INT_COLUMNS:
+            return int(text)
+        if key in FLOAT_COLUMNS:
+            return float(text)
+        if key in ("ws", "sync_stats"):
+            return text == "True"
+        return text
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or set(rows[0]) != set(COLUMNS):
+        raise ReportError(f"{path}: not a summary.csv of this report (columns differ)")
+    return [{key: typed(key, row[key]) for key in COLUMNS} for row in rows]
+
+
 def load_local(paths) -> tuple[list[dict], list[str]]:
-    """Rows of the finished runs below `paths`, and the run dirs that have no summary.json."""
+    """Rows of the finished runs below `paths` (or in their summary.csv files), and the run
+    dirs that have no summary.json."""
     rows, skipped, seen = [], [], set()
     for path in map(Path, paths):
+        if path.is_file() and path.suffix == ".csv":
+            rows += load_csv(path)
+            continue
         if not path.is_dir():
             raise ReportError(f"{path}: no such directory")
         for run_dir in find_run_dirs(path):
@@ -226,22 +264,77 @@ def error_table(rows: list[dict]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+# ------------------------------------------------------------------------------ the ranking
+
+
+def fmt(mean: float | None, std: float | None, n: int, signed: bool = False) -> str:
+    if mean is None:
+        return MISSING
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return text + (f" ± {std:.2f}" if std is not None else "") + f" (n={n})"
+
+
+def ranking(rows: list[dict]) -> str:
+    """Markdown: per (model, depth), every method at b = 1 and b = 2 (test error, mean ± std
+    over seeds) and its gap to BN at b = 64 (error minus BN's mean; the std is the method's),
+    sorted by the error at b = 1, then at b = 2."""
+    parts = []
+    for (model, depth), by_label in group_runs(rows).items():
+        bn64 = error_stats(by_label.get("bn", {}).get(64, []))[0]
+        entries = []
+        for lab, cells in by_label.items():
+            at = {b: error_stats(cells.get(b, [])) for b in (1, 2)}
+            if not any(at[b][2] for b in at):
+                continue
+            gaps = {b: (None if at[b][0] is None or bn64 is None else at[b][0] - bn64)
+                    for b in at}
+            entries.append((lab, at, gaps))
+        entries.sort(key=lambda e: tuple(math.inf if e[1][b][0] is None else e[1][b][0]
+                                         for b in (1, 2)))
+        lines = [f"## {model_name(model, depth)}: which norm at 1-2 images per device", "",
+                 "Test error (%) at b images per device, mean ± std over seeds (n = seeds); "
+                 "gap = error minus BN's at b = 64"
+                 + (f" ({bn64:.2f})" if bn64 is not None else " (no BN run at b = 64)")
+                 + "; sorted by the error at b = 1.", "",
+                 "| rank | norm | b=1 | gap b=1 | b=2 | gap b=2 |", "|--:|:--|--:|--:|--:|--:|"]
+        for i, (lab, at, gaps) in enumerate(entries, 1):
+            cols = []
+            for b in (1, 2):
+                mean, std, n, _ = at[b]
+                cols += [fmt(mean, std, n), fmt(gaps[b], None, n, signed=True)
+                         if gaps[b] is not None else MISSING]
+            lines.append(f"| {i} | {lab} | " + " | ".join(cols) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
 # --------------------------------------------------------------------------------- the plot
 
 
-def plot_panel(ax, by_label: dict, colors: dict) -> bool:
+def style(lab: str) -> dict:
+    """Line style of a label: its norm's colour and marker (STYLE), dashed with WS, dotted for
+    per-device statistics."""
+    base = lab.split()[0]
+    norm = base[:-3] if base.endswith("_ws") else base
+    color, marker = STYLE.get(norm, ("#999999", "o"))
+    ls = ":" if "per-device" in lab else "--" if base.endswith("_ws") else "-"
+    return {"color": color, "marker": marker, "ls": ls}
+
+
+def plot_panel(ax, by_label: dict) -> bool:
     """One (model, depth): a line per norm over b; True if a cell had every run diverge."""
     marked = []
     for lab, cells in by_label.items():
         stats = {b: error_stats(cells[b]) for b in sorted(cells)}
         xs = [b for b, s in stats.items() if s[2]]
+        look = style(lab)
         if xs:
-            ax.plot(xs, [stats[b][0] for b in xs], marker="o", color=colors[lab])
+            ax.plot(xs, [stats[b][0] for b in xs], **look)
         bars = [b for b in xs if stats[b][1] is not None]
         if bars:
             ax.errorbar(bars, [stats[b][0] for b in bars], yerr=[stats[b][1] for b in bars],
-                        fmt="none", ecolor=colors[lab], capsize=3)
-        marked += [(b, colors[lab]) for b, s in stats.items() if not s[2] and s[3]]
+                        fmt="none", ecolor=look["color"], capsize=3)
+        marked += [(b, look["color"]) for b, s in stats.items() if not s[2] and s[3]]
     if marked:
         # Headroom first, so the crosses (placed in axes fraction) sit above every point.
         low, high = ax.get_ylim()
@@ -264,14 +357,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
     groups = group_runs(rows)
     labels = list(dict.fromkeys(lab for by_label in groups.values() for lab in by_label))
-    colors = {lab: plt.get_cmap("tab10")(i % 10) for i, lab in enumerate(labels)}
     ncols = min(3, len(groups))
     nrows = math.ceil(len(groups) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols + 2.2, 4.2 * nrows),
                              squeeze=False, layout="constrained")
     any_diverged = False
     for ax, ((model, depth), by_label) in zip(axes.flat, groups.items()):
-        any_diverged |= plot_panel(ax, by_label, colors)
+        any_diverged |= plot_panel(ax, by_label)
         bs = sorted({b for cells in by_label.values() for b in cells})
         ax.set_xscale("log", base=2)
         ax.set_xticks(bs, [str(b) for b in bs])
@@ -284,8 +376,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(groups):]:
         ax.set_visible(False)
-    # One legend for all panels: a norm has the same colour everywhere.
-    handles = [Line2D([], [], color=colors[lab], marker="o", label=lab) for lab in labels]
+    # One legend for all panels: a norm has the same colour and marker everywhere.
+    handles = [Line2D([], [], label=lab, **style(lab)) for lab in labels]
     if any_diverged:
         handles.append(Line2D([], [], color="gray", marker="x", ls="none", mew=2,
                               label="every seed diverged"))
@@ -301,8 +393,9 @@ def plot(rows: list[dict], path: Path) -> None:
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         description="Summarise finished runs: summary.csv, table.md, error_vs_batch.png.")
-    parser.add_argument("runs", nargs="*", metavar="RUN_DIR",
-                        help="run directories or folders above them (a sweep dir)")
+    parser.add_argument("runs", nargs="*", metavar="RUNS",
+                        help="run directories or folders above them (a sweep dir), or an "
+                             "earlier report's summary.csv")
     parser.add_argument("--out", required=True, type=Path, help="where to write the report")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from wandb")
     parser.add_argument("--group", help="with --wandb: only this group (the sweep's name)")
@@ -342,10 +435,11 @@ def main(argv=None) -> int:
     write_csv(rows, args.out / "summary.csv")
     table = error_table(rows)
     (args.out / "table.md").write_text(table)
+    (args.out / "ranking.md").write_text(ranking(rows))
     plot(rows, args.out / "error_vs_batch.png")
     print(table, end="")
-    print(f"{len(rows)} runs -> {args.out}/summary.csv, table.md, error_vs_batch.png",
-          file=sys.stderr)
+    print(f"{len(rows)} runs -> {args.out}/summary.csv, table.md, ranking.md, "
+          "error_vs_batch.png", file=sys.stderr)
     return 0
 
 

@@ -8,7 +8,8 @@ import sys
 
 from conftest import ROOT
 
-FIGURES = {"norm_vs_native": {"bn", "gn", "ln", "in", "bcn"}, "ws_conv_vs_conv": None,
+FIGURES = {"norm_vs_native": {"bn", "gn", "ln", "in", "bcn", "brn", "frn", "evonorm_b0",
+                              "evonorm_s0", "mabn"}, "ws_conv_vs_conv": None,
            "step_vs_bare": {"2", "32"}, "loader_vs_torchvision": {"2", "128"},
            "virtual_vs_accumulate": None}
 

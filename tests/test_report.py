@@ -263,3 +263,49 @@ def test_report_on_a_real_train_py_sweep(tmp_path):
     assert f"| gn | {err:.2f} (n=1) |" in out.stdout
     assert "ResNet-8" in out.stdout and "epochs 1, global batch 16, data synthetic" in out.stdout
     assert (tmp_path / "report" / "error_vs_batch.png").stat().st_size > 10_000
+
+
+def test_an_earlier_reports_csv_joins_new_runs_unchanged(sweep, tmp_path):
+    """A study extended later: its first report's summary.csv plus the new run folders give
+    the same rows as all the folders together."""
+    root, _, _ = sweep
+    first = [d for d in root.iterdir() if "vgg" in d.name]
+    later = [d for d in root.iterdir() if "vgg" not in d.name]
+    assert report.main([*map(str, first), "--out", str(tmp_path / "first")]) == 0
+    assert report.main([str(tmp_path / "first" / "summary.csv"), *map(str, later),
+                        "--out", str(tmp_path / "joined")]) == 0
+    assert report.main([str(root), "--out", str(tmp_path / "all")]) == 0
+    for name in ("summary.csv", "table.md", "ranking.md"):
+        assert (tmp_path / "joined" / name).read_text() == (tmp_path / "all" / name).read_text()
+    bad = tmp_path / "other.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(report.ReportError, match="not a summary.csv of this report"):
+        report.load_local([bad])
+
+
+def test_ranking_sorts_methods_by_error_at_one_image_with_gaps_to_bn_at_64(sweep):
+    root, _, _ = sweep
+    rows, _ = report.load_local([root])
+    bn64 = dict(rows[-1], model="resnet", depth=20, norm="bn", ws=False, norm_label="bn",
+                sync_stats=True, batch_size_per_device=64, seed=0, status="completed",
+                test_acc=75.0, test_error=25.0, run_dir="bn64")
+    text = report.ranking(rows + [bn64])
+    resnet = text.split("## VGG-16")[0]
+    table = [line for line in resnet.splitlines() if line.startswith("| ") and "rank" not in line]
+    # b=1 errors: bcn_ws 15.00, gn 29.25 +- 1.06, bcn_ws per-device 40.00; bn all diverged
+    assert [line.split(" | ")[1] for line in table] == ["bcn_ws", "gn",
+                                                        "bcn_ws (per-device stats)", "bn"]
+    assert table[0] == "| 1 | bcn_ws | 15.00 (n=1) | -10.00 (n=1) | — | — |"
+    assert table[1] == "| 2 | gn | 29.25 ± 1.06 (n=2) | +4.25 (n=2) | — | — |"
+    assert table[3] == "| 4 | bn | — | — | 21.00 ± 1.41 (n=2) | -4.00 (n=2) |"
+    assert "BN's at b = 64 (25.00)" in resnet
+    assert "no BN run at b = 64" in text.split("## VGG-16")[1]
+
+
+def test_each_norm_keeps_its_colour_and_marker():
+    a, b = report.style("evonorm_s0"), report.style("evonorm_s0_ws")
+    assert (a["color"], a["marker"]) == (b["color"], b["marker"]) and (a["ls"], b["ls"]) == \
+        ("-", "--")
+    assert report.style("bcn_ws (per-device stats)")["ls"] == ":"
+    looks = {(report.style(n)["color"], report.style(n)["marker"]) for n in report.NORM_ORDER}
+    assert len(looks) == len(report.NORM_ORDER)  # no two norms alike
