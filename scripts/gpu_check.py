@@ -36,6 +36,7 @@ a bad option is one line and exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -47,6 +48,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -149,10 +151,26 @@ def max_rel_diff(run: Run, ref: Run, key: str) -> float:
 # ---------------------------------------------------------------- processes
 
 
+# The runs under way, each in its own process group (a timeout then also kills torchrun's
+# workers); when the check itself is stopped (Ctrl-C, SIGTERM) they go too, and none starts.
+_running: set[int] = set()
+_stopping = threading.Event()
+
+
+def stop_runs(signum, frame):
+    """Signal handler: kill every run under way, then stop the way the signal asks."""
+    _stopping.set()
+    for pgid in list(_running):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+
 def execute(cmd: list[str], log: Path, timeout: float, cwd: Path) -> tuple[int, float, str]:
     """Run `cmd`, appending its output to `log`; returns (exit status, seconds, its last
-    line). On timeout the whole process group goes (torchrun's workers too): 124."""
-    log.parent.mkdir(parents=True, exist_ok=True)
+    line). On timeout the whole process group goes: 124."""
+    if _stopping.is_set():
+        return 130, 0.0, "stopped"
     env = {**os.environ, "HYDRA_FULL_ERROR": "1", "WANDB_MODE": "disabled"}
     with log.open("a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
@@ -161,19 +179,21 @@ def execute(cmd: list[str], log: Path, timeout: float, cwd: Path) -> tuple[int, 
         tic = time.perf_counter()
         p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
                              start_new_session=True)
+        _running.add(p.pid)
         try:
             rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             rc = 124
+        finally:
+            _running.discard(p.pid)
         seconds = time.perf_counter() - tic
     with log.open("r+") as f:
         f.seek(start)
         lines = [line for line in f.read().splitlines() if line.strip()]
-        last = lines[-1].strip() if lines else ""
-        if rc == 124:
-            last = f"timed out after {timeout:g} s"
+        last = f"timed out after {timeout:g} s" if rc == 124 else \
+            (lines[-1].strip() if lines else "")
         f.write(f"[exit {rc} after {seconds:.1f} s]\n\n")
     return rc, seconds, last[:300]
 
@@ -655,12 +675,19 @@ def main(argv=None) -> int:
     (a.out / ".gitignore").write_text("runs/\n")
     env = environment(a)
     started = time.perf_counter()
+    signal.signal(signal.SIGINT, stop_runs)
+    signal.signal(signal.SIGTERM, stop_runs)
 
     def report(c: Check, checks: list[Check]) -> None:
         print(f"[{len(checks):2d}/{len(planned)}] {c.name}: {c.status}"
               f"{f' ({c.reason})' if c.reason else ''}  {c.seconds:.0f} s", flush=True)
         write(a, env, checks, planned, finished=False)
-    done = run_all(a, tasks, report)
+    try:
+        done = run_all(a, tasks, report)
+    except (KeyboardInterrupt, SystemExit):
+        print(f"stopped; {a.out / 'summary.json'} holds the checks that finished",
+              file=sys.stderr)
+        return 130
     checks = [done[n] for n in planned]
     write(a, env, checks, planned, finished=True)
     print("\n" + table(checks))
