@@ -437,7 +437,8 @@ def check_projection(a, done: dict[str, Check]) -> list[Check]:
     if not timings:
         return [Check(c.name, "skipped", "no timing passed")]
     p = project(timings, a.cells, a.study_epochs)
-    c.numbers = p
+    c.numbers = {**p, "note": "start-up is a fresh process's; a sweep with Hydra's basic "
+                 "launcher runs its cells in one process and pays imports and CUDA once"}
     c.detail = (f"{p['cells']} cells x {p['epochs']} epochs: about "
                 f"{p['study_estimate_s'] / 60:.0f} min ({p['study_low_s'] / 60:.0f}-"
                 f"{p['study_high_s'] / 60:.0f}); goal {GOAL_S // 60} min "
