@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: setup train test test-slow test-all clean
+.PHONY: setup train test test-slow test-all gpu-check clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-launchers.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test-slow: $(STAMP)  ## long tests: real training runs
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest $(ARGS)
+
+gpu-check: $(STAMP)  ## every CUDA path, one GPU, < 8 min: make gpu-check [OUT=dir] [ARGS=...]
+	PYTHON=$(BIN)/python bash scripts/gpu_check.sh $(or $(OUT),results/performance-gpu) $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
