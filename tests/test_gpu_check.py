@@ -78,7 +78,7 @@ def test_cpu_mode_runs_every_kind_of_check_and_reports_it(tmp_path):
                                    key=t["candidates_images_per_sec"].get)
         assert t["startup_s"] > 0 and t["steady_epoch_s"] > 0
     p = checks["projection"]["numbers"]
-    assert (p["cells"], p["epochs"]) == (49, 30)  # experiment=microbatch: 7 norms x 7 b
+    assert (p["cells"], p["epochs"]) == (12 * 7, 30)  # experiment=microbatch: 12 norms x 7 b
     assert p["study_low_s"] < p["study_estimate_s"] < p["study_high_s"]
 
     readme = (tmp_path / "README.md").read_text()
