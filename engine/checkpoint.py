@@ -1,10 +1,12 @@
-"""Checkpoints: written atomically, read with weights_only=True, never silently replaced."""
+"""Checkpoints: written durably (engine/rundir.py), read with weights_only=True, checked for
+the structure the run needs, never silently replaced."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
+
+from .rundir import write_durably
 
 
 class CheckpointError(ValueError):
@@ -18,25 +20,38 @@ KEYS = frozenset({"model", "optimizer", "scheduler", "rng", "epoch", "history", 
 
 
 def save(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, then rename: a kill leaves the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """torch.save, durably: a kill or a full disk leaves the old file or the new one."""
+    write_durably(path, lambda f: torch.save(state, f))
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """`Type: first line of the message`, for one-line errors (an empty message too)."""
+    text = (str(e).strip().splitlines() or [""])[0][:limit]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+MOVE_AWAY = "move it away to start over, or set hydra.run.dir to another folder"
+# key -> the type its value must have
+TYPES = {"model": dict, "optimizer": dict, "scheduler": dict, "epoch": int, "history": list,
+         "elapsed_s": (int, float), "identity": dict}
 
 
 def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, corrupt, not a checkpoint, unsafe pickle
-        raise CheckpointError(
-            f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
-            "; move it away to start over, or set hydra.run.dir to another folder") from None
+    except Exception as e:  # empty, truncated, corrupt, not a checkpoint, unsafe pickle
+        raise CheckpointError(f"checkpoint {path} cannot be read ({first_line(e)}); "
+                              f"{MOVE_AWAY}") from None
     missing = sorted(KEYS - set(state)) if isinstance(state, dict) else sorted(KEYS)
     if missing or not state["identity"]:
         raise CheckpointError(f"checkpoint {path} is not a run checkpoint of this project "
-                              f"(missing {', '.join(missing) or 'identity'}); move it away to "
-                              "start over, or set hydra.run.dir to another folder")
+                              f"(missing {', '.join(missing) or 'identity'}); {MOVE_AWAY}")
+    wrong = [k for k, t in TYPES.items() if not isinstance(state[k], t)
+             or (t is int and isinstance(state[k], bool))]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} is not a run checkpoint of this project "
+                              f"({', '.join(f'{k} is a {type(state[k]).__name__}' for k in wrong)}"
+                              f"); {MOVE_AWAY}")
     return state
 
 
@@ -46,11 +61,15 @@ def same_run(saved: dict, current: dict) -> list[str]:
     return [k for k in sorted(set(saved) & set(current)) if saved[k] != current[k]]
 
 
+def describe_difference(saved: dict, current: dict) -> str:
+    """`key: A there, B now; ...` for every key in which two identities differ."""
+    return "; ".join(f"{k}: {saved[k]!r} there, {current[k]!r} now"
+                     for k in same_run(saved, current))
+
+
 def check_compatible(path: Path, saved: dict, current: dict) -> None:
     """The run being resumed must be the same experiment, key for key."""
-    diff = same_run(saved, current)
-    if diff:
-        k = diff[0]
+    if same_run(saved, current):
         raise CheckpointError(
-            f"checkpoint {path} belongs to a different run ({k}: {saved.get(k)!r} there, "
-            f"{current.get(k)!r} now); set hydra.run.dir to another folder")
+            f"checkpoint {path} belongs to a different run ({describe_difference(saved, current)})"
+            "; set hydra.run.dir to another folder")

@@ -7,6 +7,8 @@ model is built, raising ConfigError with one line: the key, the value and what i
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
@@ -22,6 +24,7 @@ DATASETS = ("cifar10", "cifar100", "synthetic")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # autocast dtype (torch.*)
+MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a collective that waits longer is a hung job
 log = logging.getLogger("microbatch")
 
 
@@ -107,6 +110,8 @@ class LoggerConfig:
     entity: Optional[str] = None
     group: Optional[str] = None      # default: the experiment name
     tags: list[str] = field(default_factory=list)
+    log_every: int = 50              # training curves every N optimizer steps (0: per epoch),
+    #                                  read at the first trainer.check_every check after each
 
 
 @dataclass
@@ -120,15 +125,60 @@ class Config:
     batch_size_per_device: int = 128
     seed: int = 0
     name: str = "default"            # the experiment/sweep name: wandb group, output folder
+    skip_invalid_jobs: bool = False  # sweeps: run the valid jobs, list the invalid at the end
 
 
 def register() -> None:
     """Register the schema (named in configs/config.yaml's defaults) and the resolvers."""
     ConfigStore.instance().store(name="schema", node=Config)
-    if not OmegaConf.has_resolver("ws_suffix"):
-        OmegaConf.register_new_resolver("ws_suffix", lambda ws: "_ws" if ws else "")
-    if not OmegaConf.has_resolver("devices_for"):
-        OmegaConf.register_new_resolver("devices_for", devices_for)
+    for name, resolver in (("ws_suffix", lambda ws: "_ws" if ws else ""),
+                           ("devices_for", devices_for), ("run_digest", run_digest)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
+
+
+# Keys that do not change a run's mathematics: free to differ when resuming. The execution
+# strategies (memory layout, torch.compile, CUDA graphs) run the same operations on the same
+# numbers and differ only in summation order, as thread counts do; trainer.precision changes
+# the numbers themselves (bf16 keeps 8 bits of mantissa), so it is part of the identity.
+# data.root is a path, not data: the data's own fingerprint joins the identity when it loads.
+NON_IDENTITY = ("logger", "trainer.progress", "trainer.num_threads", "trainer.keep_freed_memory",
+                "trainer.resume", "trainer.check_every", "trainer.timeout_s",
+                "trainer.probe_every", "data.root", "data.cache_dir", "data.download",
+                "data.eval_batch_size", "trainer.channels_last", "trainer.compile",
+                "trainer.cuda_graphs", "skip_invalid_jobs")
+
+
+def identity(cfg) -> dict:
+    """The run's identity: every config key that changes its mathematics, flattened."""
+    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
+    flat = {}
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if key == "hydra" or any(key == n or key.startswith(n + ".") for n in NON_IDENTITY):
+                continue
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            else:
+                flat[key] = v
+    walk(container, "")
+    return flat
+
+
+def digest(ident: dict) -> str:
+    """8 hex digits naming an identity: equal identities, equal digests, on any machine."""
+    text = json.dumps(ident, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def run_digest(*, _root_) -> str:
+    """${run_digest:} in hydra.run.dir: the digest of the config's identity, so different
+    configs never share a default run folder and the same command always finds its own."""
+    container = {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
+                 for k, v in _root_.items_ex(resolve=False) if k != "hydra"}
+    return digest(identity(container))
 
 
 def devices_for(global_batch: int, batch_size_per_device: int, devices: int = 1) -> int:
@@ -212,11 +262,18 @@ def validate(cfg: DictConfig) -> None:
     resolve(cfg)
     _require(cfg.batch_size_per_device >= 1, "batch_size_per_device", cfg.batch_size_per_device,
              "an integer >= 1")
+    _require(0 <= cfg.seed < 2**63, "seed", cfg.seed, "an integer in [0, 2**63)")
+    _require(re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9._-]*", cfg.name) is not None, "name",
+             cfg.name, "one folder name (letters, digits, '.', '_', '-'; not starting with "
+             "'.'): it names outputs/<name>/ and multirun/<name>/")
     t = cfg.trainer
     for key in ("epochs", "devices", "virtual_devices", "accumulate", "check_every"):
         _require(t[key] >= 1, f"trainer.{key}", t[key], "an integer >= 1")
-    _require(t.timeout_s > 0, "trainer.timeout_s", t.timeout_s, "a number > 0")
+    _require(0 < t.timeout_s <= MAX_TIMEOUT_S, "trainer.timeout_s", t.timeout_s,
+             f"a number of seconds in (0, {MAX_TIMEOUT_S:g}]")
     _require(t.probe_every >= 0, "trainer.probe_every", t.probe_every, "0 (off) or >= 1")
+    _require(cfg.logger.log_every >= 0, "logger.log_every", cfg.logger.log_every,
+             "0 (per epoch only) or an integer >= 1")
     _require(t.num_threads >= 0, "trainer.num_threads", t.num_threads, "0 (default) or >= 1")
     _require(t.device in DEVICES, "trainer.device", t.device, ", ".join(DEVICES))
     o = cfg.optim

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.rendezvous import rendezvous
 from omegaconf import OmegaConf
 
-from .loop import Process, pick_device
+from .loop import Interrupted, Process, pick_device
 
 log = logging.getLogger("microbatch")
 _STANDARD_METHODS = ("spawn", "fork", "forkserver")
@@ -77,8 +77,16 @@ def self_launch(cfg, run_dir: str, overrides: list[str]) -> dict:
                           run_id=uuid.uuid4().hex, rdzv_backend="c10d",
                           rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.5,
                           start_method="spawn")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+    # The agent's own log lines (closing signals, failure dumps) say what our one line says.
+    # Its loggers each set their own level, so each is quietened (and restored after).
+    quiet = {name: logger for name, logger in logging.root.manager.loggerDict.items()
+             if name.startswith("torch.distributed") and isinstance(logger, logging.Logger)}
+    levels = {name: logger.level for name, logger in quiet.items()}
+    for logger in quiet.values():
+        logger.setLevel(logging.CRITICAL)
     try:
         results = elastic_launch(config, worker)(OmegaConf.to_container(cfg, resolve=True),
                                                  str(run_dir), list(overrides))
@@ -87,6 +95,13 @@ def self_launch(cfg, run_dir: str, overrides: list[str]) -> dict:
         raise WorkerFailed(f"worker rank {rank} failed ({_describe(failure)}); the job was "
                            f"stopped; re-run the same command to resume from {run_dir}/"
                            "checkpoints/last.pt") from None
+    except (SignalException, KeyboardInterrupt) as e:
+        why = e.sigval.name if isinstance(e, SignalException) else "SIGINT"
+        raise Interrupted(f"interrupted ({why}); the workers were stopped; re-run the same "
+                          f"command to resume from {run_dir}/checkpoints/last.pt") from None
+    finally:
+        for name, logger in quiet.items():
+            logger.setLevel(levels[name])
     return results[0]
 
 

@@ -34,23 +34,14 @@ from models import build_model
 from norms import DeviceAware, configure_devices
 
 from . import checkpoint
-from .config import PRECISIONS, ConfigError, global_batch, norm_label, norm_options
+from .config import (PRECISIONS, ConfigError, global_batch, identity, norm_label,
+                     norm_options)
 from .data import GlobalBatches, eval_batches, load_dataset
 from .records import RunRecord, code_version
+from .rundir import RunLock
 from .tracking import Tracker
 
 log = logging.getLogger("microbatch")
-
-# Keys that do not change a run's mathematics: free to differ when resuming. The execution
-# strategies (memory layout, torch.compile, CUDA graphs) run the same operations on the same
-# numbers and differ only in summation order, as thread counts do; trainer.precision changes
-# the numbers themselves (bf16 keeps 8 bits of mantissa), so it is part of the identity.
-NON_IDENTITY = ("logger", "trainer.progress", "trainer.num_threads", "trainer.keep_freed_memory",
-                "trainer.resume", "trainer.check_every", "trainer.timeout_s",
-                "trainer.probe_every", "data.root", "data.cache_dir", "data.download",
-                "data.eval_batch_size", "trainer.channels_last", "trainer.compile",
-                "trainer.cuda_graphs")
-
 
 @dataclass
 class Process:
@@ -84,23 +75,6 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and \
         bool(libc.mallopt(m_trim_threshold, 1 << 30))
-
-
-def identity(cfg: DictConfig) -> dict:
-    """The run's identity: every config key that changes its mathematics, flattened."""
-    flat = {}
-
-    def walk(node, prefix):
-        for k, v in node.items():
-            key = f"{prefix}{k}"
-            if any(key == n or key.startswith(n + ".") for n in NON_IDENTITY):
-                continue
-            if isinstance(v, dict):
-                walk(v, key + ".")
-            else:
-                flat[key] = v
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return flat
 
 
 def describe(cfg: DictConfig, overrides: list[str]) -> dict:
@@ -277,12 +251,14 @@ class CapturedForwardBackward:
 
 
 def train_epoch(net, optimizer, scheduler, batches: GlobalBatches, epoch: int, proc: Process,
-                step: Step, check_every: int, bar: tqdm | None):
+                step: Step, check_every: int, bar: tqdm | None, tracker: Tracker | None = None,
+                log_every: int = 0):
     """One epoch of optimizer steps; returns (loss sum, correct, images) tensors of this process.
 
     `net` is the model, or its DDP / compiled wrapper. Losses are summed on the device and read
     back (and checked, by all processes together) every `check_every` steps only: the hot loop
-    has no other host sync (the progress bar shows the values read at those checks).
+    has no other host sync. The progress bar and, at the first check after every `log_every`
+    steps, the tracker show the values read at those checks.
     """
     g = batches.global_batch
     rows = g // proc.world_size
@@ -290,19 +266,41 @@ def train_epoch(net, optimizer, scheduler, batches: GlobalBatches, epoch: int, p
     sums = (torch.zeros((), device=proc.device, dtype=torch.float64),
             torch.zeros((), device=proc.device, dtype=torch.long))
     seen = 0
+    window = (0.0, 0.0, 0, time.perf_counter())  # loss sum, correct, images, time at last log
+    next_log = log_every
     for i, (x, y) in enumerate(batches.epoch(epoch, start, start + rows), 1):
         train_step(net, optimizer, scheduler, x, y, sums, step)
         seen += len(y)
         if i % check_every == 0:
-            if not torch.isfinite(reduce_sum(sums[0].clone(), proc)):
+            totals = reduce_sum(torch.stack([sums[0], sums[1].double()]), proc)
+            if not torch.isfinite(totals[0]):
                 break
             if bar is not None:
                 rate = seen * proc.world_size / max(bar.format_dict["elapsed"], 1e-9)
                 bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}",
                                 acc=f"{100 * sums[1].item() / seen:.1f}", img_s=f"{rate:.0f}")
+            if tracker is not None and tracker.run is not None and log_every \
+                    and i >= next_log:
+                window = log_window(tracker, window, totals.tolist(), seen * proc.world_size,
+                                    epoch, i, len(batches), g, scheduler.get_last_lr()[0])
+                next_log += log_every * ((i - next_log) // log_every + 1)
         if bar is not None:
             bar.update(1)
     return sums[0], sums[1], torch.tensor(seen, device=proc.device)
+
+
+def log_window(tracker: Tracker, window: tuple, totals: list[float], images: int, epoch: int,
+               i: int, steps: int, global_batch: int, lr: float) -> tuple:
+    """Training curves between epochs: loss, accuracy and throughput over the steps since the
+    last log, against the images seen (and the fractional epoch)."""
+    loss0, correct0, images0, t0 = window
+    now, n = time.perf_counter(), images - images0
+    tracker.log({"step/train_loss": (totals[0] - loss0) / n,
+                 "step/train_acc": 100.0 * (totals[1] - correct0) / n,
+                 "step/lr": lr, "step/images_per_sec": n / max(now - t0, 1e-9),
+                 "images_seen": (epoch * steps + i) * global_batch,
+                 "epoch": epoch + i / steps})
+    return totals[0], totals[1], images, now
 
 
 @torch.no_grad()
@@ -381,39 +379,23 @@ def sync_buffers(model, proc: Process) -> None:
 # ---------------------------------------------------------------- the run
 
 
+class Interrupted(Exception):
+    """Ctrl-C (or a signal to a DDP job): str() is one line saying how to resume."""
+
+
 def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
         proc: Process | None = None) -> dict:
-    """Train (or resume, or skip a finished run) and return the summary."""
+    """Train (or resume, or skip a finished run) and return the summary.
+
+    The order is what a user sees: the data is loaded and checked first; then the run folder
+    is taken (one process per folder, engine/rundir.py), and only then does its record decide:
+    finished with the same identity, nothing to do; another identity, refused naming the keys
+    that differ; a checkpoint, resume."""
     proc = proc or Process(device=pick_device(cfg.trainer.device))
-    t = cfg.trainer
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
-    if proc.device.type == "cpu" and t.keep_freed_memory:
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    if proc.device.type == "cpu" and cfg.trainer.keep_freed_memory:
         keep_freed_memory()
-    record = RunRecord(run_dir)
-    ident = identity(cfg)
-    info = describe(cfg, overrides)
-
-    done = record.read_summary()
-    if not t.resume and (done or record.checkpoint.exists()):
-        found = record.checkpoint if record.checkpoint.exists() else record.dir / "summary.json"
-        raise checkpoint.CheckpointError(
-            f"{found} exists and trainer.resume=false: starting afresh would overwrite it; "
-            "move it away or set hydra.run.dir to another folder")
-    if done and done.get("status") in ("completed", "diverged"):
-        if not checkpoint.same_run(done.get("identity", {}), ident):
-            log.info("%s: already %s (test_acc %.2f); nothing to do", run_dir, done["status"],
-                     done.get("test_acc") or float("nan"))
-            return done
-        raise checkpoint.CheckpointError(
-            f"{record.dir / 'summary.json'} records a finished run with another config; "
-            "use another hydra.run.dir")
-
-    state = None
-    if record.checkpoint.exists():
-        state = checkpoint.load(record.checkpoint)
-        checkpoint.check_compatible(record.checkpoint, state["identity"], ident)
-
     data = load_dataset(cfg.data.name, cfg.data.root, download=cfg.data.download,
                         train_subset=cfg.data.train_subset, train_size=cfg.data.train_size,
                         test_size=cfg.data.test_size, seed=cfg.seed, cache_dir=cfg.data.cache_dir)
@@ -422,6 +404,90 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
         raise ConfigError(f"global batch {g} (batch_size_per_device x devices x virtual_devices "
                           f"x accumulate) exceeds the {len(data.train)} training images; "
                           "lower it or use more data (data.train_subset)")
+    ident = {**identity(cfg), **data_identity(data)}
+    record = RunRecord(run_dir)
+    with RunLock(run_dir) if proc.is_main else nullcontext():
+        done = finished_run(record, cfg, ident)
+        if done is not None:
+            return done
+        state = resume_state(record, ident)
+        return train(cfg, data, record, ident, describe(cfg, overrides), state, proc)
+
+
+def data_identity(data) -> dict:
+    """The data's part of the identity: a fingerprint of what was loaded, not its path."""
+    fingerprint = getattr(data, "fingerprint", None)
+    return {"data.fingerprint": fingerprint} if fingerprint else {}
+
+
+def finished_run(record: RunRecord, cfg: DictConfig, ident: dict) -> dict | None:
+    """The summary of a finished run of this identity (nothing to do), or None to train;
+    refuses a folder holding another run, or any run with trainer.resume=false."""
+    done = record.read_summary()
+    if not cfg.trainer.resume and (done or record.checkpoint.exists()):
+        found = record.checkpoint if record.checkpoint.exists() else record.dir / "summary.json"
+        raise checkpoint.CheckpointError(
+            f"{found} exists and trainer.resume=false: starting afresh would overwrite it; "
+            "move it away or set hydra.run.dir to another folder")
+    if done and done.get("status") in ("completed", "diverged"):
+        if checkpoint.same_run(done.get("identity", {}), ident):
+            raise checkpoint.CheckpointError(
+                f"{record.dir / 'summary.json'} records a finished run with another config ("
+                f"{checkpoint.describe_difference(done['identity'], ident)}); set "
+                "hydra.run.dir to another folder")
+        log.info("%s: already %s (test_acc %.2f); nothing to do", record.dir, done["status"],
+                 done.get("test_acc") or float("nan"))
+        return done
+    return None
+
+
+def resume_state(record: RunRecord, ident: dict) -> dict | None:
+    if not record.checkpoint.exists():
+        return None
+    state = checkpoint.load(record.checkpoint)
+    checkpoint.check_compatible(record.checkpoint, state["identity"], ident)
+    return state
+
+
+def restore(state: dict, path: Path, model, optimizer, scheduler, step: Step) -> None:
+    """Load a checkpoint's states; one line naming the file if they do not fit this run."""
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if step.scaler is not None and "scaler" in state:
+            step.scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} does not fit this run's model or optimizer "
+            f"({checkpoint.first_line(e)}); {checkpoint.MOVE_AWAY}") from None
+    set_rng_state(state["rng"])
+
+
+def save_epoch(record: RunRecord, state: dict, history: list[dict],
+               probe_history: list[dict]) -> None:
+    """The checkpoint and the metrics of a finished epoch; a failed write (disk full, a
+    file-size limit) is one line saying what is kept."""
+    try:
+        checkpoint.save(record.checkpoint, state)
+        record.write_metrics(history)
+        if probe_history:
+            record.write_metrics(probe_history, "probes.jsonl")
+    except OSError as e:
+        kept = (f"the checkpoint of epoch {state['epoch'] - 1} is kept" if state["epoch"] > 1
+                else "no checkpoint was kept")
+        raise checkpoint.CheckpointError(
+            f"cannot write the run record in {record.dir} ({e.strerror or e}) after epoch "
+            f"{state['epoch']}; {kept}: free space (or raise the file-size limit) and re-run "
+            "the same command to resume") from None
+
+
+def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
+          state: dict | None, proc: Process) -> dict:
+    """Build the model and optimizer, restore `state` if any, train the remaining epochs
+    (evaluate, checkpoint and record each), and write the summary."""
+    t = cfg.trainer
+    g = global_batch(cfg)
     batches = GlobalBatches(data.train, g, data.mean, data.std, proc.device,
                             augment=cfg.data.augment, seed=cfg.seed)
     steps = len(batches)
@@ -453,19 +519,14 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
 
     history, probe_history, first_epoch, elapsed0 = [], [], 0, 0.0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        if step.scaler is not None and "scaler" in state:
-            step.scaler.load_state_dict(state["scaler"])
+        restore(state, record.checkpoint, model, optimizer, scheduler, step)
         history, first_epoch, elapsed0 = state["history"], state["epoch"], state["elapsed_s"]
         probe_history = state.get("probes", [])
         log.info("resuming %s from epoch %d", record.checkpoint, first_epoch)
 
-    config_dict = OmegaConf.to_container(cfg, resolve=True)
     if proc.is_main:
-        record.write_config(config_dict)
+        record.write_config(OmegaConf.to_container(cfg, resolve=True))
+        record.attach_log()
     tracker = Tracker(cfg.logger, record.dir, {**info, **ident}, cfg.logger.group or cfg.name,
                       proc.is_main)
     log.info("%s%d %s | b=%d x %d device(s) x %d virtual x %d accumulate = %d | lr %.4g | "
@@ -474,6 +535,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
              proc.device)
 
     status, started = "completed", time.perf_counter() - elapsed0
+    epoch = first_epoch
     try:
         for epoch in range(first_epoch, t.epochs):
             show = proc.is_main and t.progress and sys.stderr.isatty()
@@ -481,7 +543,7 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
                        disable=not show, dynamic_ncols=True) if show else None
             tic = time.perf_counter()
             sums = train_epoch(net, optimizer, scheduler, batches, epoch, proc, step,
-                               t.check_every, bar)
+                               t.check_every, bar, tracker, cfg.logger.log_every)
             train_time = time.perf_counter() - tic
             if bar is not None:
                 bar.close()
@@ -508,15 +570,13 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
                 tracker.log({"epoch": epoch + 1, **{f"probe/{k}": v for k, v in probes.items()
                                                     if isinstance(v, float)}})
             if proc.is_main:
-                checkpoint.save(record.checkpoint, {
+                save_epoch(record, {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": rng_state(),
                     "epoch": epoch + 1, "history": history, "probes": probe_history,
                     "elapsed_s": metrics["elapsed_s"], "identity": ident,
-                    **({"scaler": step.scaler.state_dict()} if step.scaler is not None else {})})
-                record.write_metrics(history)
-                if probe_history:
-                    record.write_metrics(probe_history, "probes.jsonl")
+                    **({"scaler": step.scaler.state_dict()} if step.scaler is not None else {})},
+                    history, probe_history)
             tracker.log({**metrics, "images_seen": (epoch + 1) * steps * g})
             log.info("epoch %d/%d  train loss %.4f acc %.2f | test loss %.4f acc %.2f | "
                      "%.0f img/s", epoch + 1, t.epochs, train_loss, metrics["train_acc"],
@@ -525,9 +585,18 @@ def run(cfg: DictConfig, run_dir: str | Path, overrides: list[str] = (),
         if proc.is_main:
             record.write_summary(summary)
         tracker.finish({k: v for k, v in summary.items() if k != "identity"})
+    except KeyboardInterrupt:
+        tracker.finish(exit_code=130)
+        raise Interrupted(f"interrupted; re-run the same command to resume from epoch "
+                          f"{len(history)} ({record.checkpoint})" if history else
+                          "interrupted before the first checkpoint; re-run the same command to "
+                          "start again") from None
     except BaseException:
         tracker.finish(exit_code=1)
         raise
+    finally:
+        if proc.is_main:
+            record.detach_log()
     return summary
 
 

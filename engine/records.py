@@ -5,6 +5,7 @@ Needs no service; the report tool and resumed sweeps read it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -12,12 +13,11 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import CheckpointError
+from .rundir import write_durably
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_durably(path, lambda f: f.write(text.encode()))
 
 
 def code_version(root: str | os.PathLike = Path(__file__).resolve().parents[1]) -> str | None:
@@ -40,6 +40,21 @@ class RunRecord:
     def __init__(self, run_dir: str | os.PathLike):
         self.dir = Path(run_dir)
         self.checkpoint = self.dir / "checkpoints" / "last.pt"
+        self._log_handler: logging.Handler | None = None
+
+    def attach_log(self) -> None:
+        """Append this process's log lines to train.log in the run folder (once it is ours)."""
+        handler = logging.FileHandler(self.dir / "train.log")
+        handler.setFormatter(logging.Formatter(
+            "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+        logging.getLogger().addHandler(handler)
+        self._log_handler = handler
+
+    def detach_log(self) -> None:
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
 
     def write_config(self, config: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,7 @@ class Tracker:
             settings=wandb.Settings(console="off", quiet=True))
         self.run.define_metric("epoch")
         self.run.define_metric("images_seen")
+        self.run.define_metric("step/*", step_metric="images_seen")  # curves within epochs
         self.run.define_metric("*", step_metric="epoch")
 
     def log(self, metrics: dict) -> None:

@@ -51,6 +51,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -321,31 +322,36 @@ def virtual_vs_accumulate(devices: int = 16, batch: int = 2, norm: str = "bn",
 
 def run_suite(only=("norm", "ws", "step", "loader", "virtual"), repeats: int = 7,
               quick: bool = False, devices: int = 16, norm: str = "bn",
-              allocator: str = "system default", device: str = "cpu") -> dict:
+              allocator: str = "system default", device: str = "cpu",
+              quiet: bool = False) -> dict:
     """Every figure, its details (each side's seconds per call) and whether its goal is met.
-    `quick` shrinks sizes and rounds to check the machinery (tests), not to measure."""
+    `quick` shrinks sizes and rounds to check the machinery (tests), not to measure. Unless
+    `quiet`, a progress bar and each figure's rows go to stderr as the figures complete."""
     timing = {"repeats": 2, "target_s": 0.002} if quick else {"repeats": repeats}
     timing["device"] = device
     shapes = ((8, 16, 4, 4), (2, 16, 4, 4)) if quick else SHAPES
     depth = 8 if quick else 20
     figures, details = {}, {}
     started = time.perf_counter()
-    if "norm" in only:
-        figures["norm_vs_native"], details["norm_vs_native"] = norm_vs_native(shapes, **timing)
-    if "ws" in only:
-        figures["ws_conv_vs_conv"], details["ws_conv_vs_conv"] = ws_conv_vs_conv(shapes, **timing)
-    if "step" in only:
-        figures["step_vs_bare"], details["step_vs_bare"] = step_vs_bare(
-            depth=depth, **timing)
-    if "loader" in only:
-        figures["loader_vs_torchvision"], details["loader_vs_torchvision"] = \
-            loader_vs_torchvision(images=640 if quick else 2560, batches=2 if quick else 0,
-                                  **timing)
-    if "virtual" in only:
-        figures["virtual_vs_accumulate"], details["virtual_vs_accumulate"] = \
-            virtual_vs_accumulate(devices=4 if quick else devices, norm=norm, depth=depth,
-                                  steps=1 if quick else 8, repeats=2 if quick else repeats,
-                                  device=device)
+    plan = {
+        "norm": ("norm_vs_native", lambda: norm_vs_native(shapes, **timing)),
+        "ws": ("ws_conv_vs_conv", lambda: ws_conv_vs_conv(shapes, **timing)),
+        "step": ("step_vs_bare", lambda: step_vs_bare(depth=depth, **timing)),
+        "loader": ("loader_vs_torchvision", lambda: loader_vs_torchvision(
+            images=640 if quick else 2560, batches=2 if quick else 0, **timing)),
+        "virtual": ("virtual_vs_accumulate", lambda: virtual_vs_accumulate(
+            devices=4 if quick else devices, norm=norm, depth=depth, steps=1 if quick else 8,
+            repeats=2 if quick else repeats, device=device))}
+    chosen = [plan[k] for k in plan if k in only]
+    bar = tqdm(chosen, desc="bench", unit="figure", file=sys.stderr, leave=False,
+               disable=quiet)
+    for name, measure in bar:
+        bar.set_postfix_str(name)
+        figures[name], details[name] = measure()
+        if not quiet:  # each figure as it completes: a slow one is not a silent one
+            partial = {name: figures[name], "goals": goals({name: figures[name]}),
+                       "details": {name: details[name]}}
+            tqdm.write("\n".join(table(partial).splitlines()[2:]), file=sys.stderr)
     return {**figures, "goals": goals(figures), "details": details,
             "setting": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "repeats": repeats, "quick": quick,

@@ -76,6 +76,24 @@ def test_typed_schema_rejects_at_composition(override):
     (["data.train_subset=-1"], r"data.train_subset=-1"),
     (["logger.mode=loud"], r"logger.mode='loud' is invalid; allowed: auto, online, offline"),
     (["trainer.device=tpu"], r"trainer.device='tpu' is invalid; allowed: auto, cpu, cuda"),
+    (["seed=18446744073709551616"], r"seed=18446744073709551616 is invalid; allowed: an "
+                                    r"integer in \[0, 2\*\*63\)"),
+    (["seed=-1"], r"seed=-1 is invalid"),
+    (["trainer.timeout_s=inf"], r"trainer.timeout_s=inf is invalid; allowed: a number of "
+                                r"seconds in \(0, 604800\]"),
+    (["name=../escape"], r"name='../escape' is invalid; allowed: one folder name"),
+    (["name=a/b"], r"name='a/b' is invalid"),
+    (["norm=brn", "norm.renorm_from=2.5"], r"norm.renorm_from=2.5 is invalid; allowed: a whole "
+                                            r"number of optimizer steps"),
+    (["norm=brn", "norm.schedule_unit=run", "norm.renorm_from=0.1", "norm.d_max_at=0.5",
+      "norm.r_max_at=1.5"],
+     r"norm.r_max_at=1.5 is invalid; allowed: a fraction of the run in \[0, 1\]"),
+    (["norm=brn", "norm.schedule_unit=epochs"], r"norm.schedule_unit='epochs' is invalid; "
+                                                r"allowed: steps, run"),
+    (["norm=brn", "norm.r_max=0.5"], r"norm.r_max=0.5 is invalid; allowed: a number >= 1"),
+    (["norm=mabn", "batch_size_per_device=3"], r"norm.simulated_batch=32 is invalid; allowed: "
+                                               r"a multiple of batch_size_per_device=3"),
+    (["norm=frn", "norm.eps=0"], r"norm.eps=0.0 is invalid; allowed: a number > 0"),
 ])
 def test_validation_names_key_value_and_allowed(overrides, match):
     cfg = make_cfg("data.root=/x", *overrides)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from engine import loop
+from engine import config, loop
 from engine.config import ConfigError, validate
 from engine.data import GlobalBatches, load_dataset
 from engine.loop import Process, Step, identity, run, train_epoch
@@ -151,7 +151,7 @@ def test_layout_and_compile_may_differ_on_resume_precision_may_not():
     assert identity(make_cfg(*TINY, "trainer.channels_last=true", "trainer.compile=true")) == base
     assert identity(make_cfg(*TINY, "trainer.precision=bf16")) != base
     assert {"trainer.channels_last", "trainer.compile", "trainer.cuda_graphs"} <= \
-        set(loop.NON_IDENTITY)
+        set(config.NON_IDENTITY)
 
 
 # ---------------------------------------------------------------- CUDA only (not run without a GPU)

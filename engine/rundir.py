@@ -1,0 +1,99 @@
+"""The run folder: one process at a time, and writes that a crash cannot leave half done.
+
+- `RunLock`: an exclusive lock on <run_dir>/.lock, holding the holder's pid. The kernel drops a
+  flock when its process dies, so a dead holder never blocks. DDP workers that train.py starts
+  inherit their parent's lock (the environment names the folder it holds).
+- `write_durably`: a unique temporary file beside the target, flushed and fsynced, renamed over
+  it, and the folder fsynced: the file is the old one or the new one, never a partial one, and
+  two writers never share a temporary name.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+LOCK_ENV = "MICROBATCH_RUN_LOCK"  # the folder this process (or its parent) holds
+
+
+class RunLocked(RuntimeError):
+    """Another live process holds the run folder; str() is one line naming it and the pid."""
+
+
+class RunLock:
+    """Hold `run_dir` for this process (a context manager). `release()` removes the folder
+    again if this lock created it and nothing but the lock file was written (a refused run)."""
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.dir = Path(run_dir).resolve()
+        self.path = self.dir / ".lock"
+        self.fd: int | None = None
+        self.created = False
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        if os.environ.get(LOCK_ENV) == str(self.dir):
+            return  # a worker of the process that holds it
+        self.created = not self.dir.exists() or not any(self.dir.iterdir())
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise RunLocked(f"{self.dir} is in use by another run (pid {holder}); wait for it "
+                            "to finish, or set hydra.run.dir to another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        os.environ[LOCK_ENV] = str(self.dir)
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        if self.created and [p.name for p in self.dir.iterdir()] == [".lock"]:
+            self.path.unlink()  # a refused new run leaves no folder behind
+            with contextlib.suppress(OSError):
+                self.dir.rmdir()
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+        if os.environ.get(LOCK_ENV) == str(self.dir):
+            del os.environ[LOCK_ENV]
+
+
+def write_durably(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """`write(f)` to a unique temporary file beside `path`, fsynced, then renamed over `path`
+    and the folder fsynced. On any failure the temporary file is removed and `path` is as it
+    was; the OSError (disk full, file-size limit) propagates."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

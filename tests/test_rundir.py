@@ -1,0 +1,257 @@
+"""The run folder: named by the run's identity, one process at a time, durable writes, and a
+refused or failed run that says so in one line and leaves nothing half-written behind."""
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import checkpoint
+from engine.config import digest, identity
+from engine.rundir import RunLock, RunLocked, write_durably
+
+from conftest import ROOT, TINY, make_cfg, run_cli
+
+ONE = (*TINY, "trainer.epochs=1")
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("outputs/*/*/summary.json"))
+
+
+def test_default_folders_are_named_by_the_identity_and_rerunning_resumes_its_own(tmp_path):
+    """Different maths, different folders (the README's examples no longer refuse each other);
+    the same command finds its own folder; keys that do not change the maths keep it."""
+    for extra in ((), ("trainer.epochs=2",), ("data.train_size=128",), ()):
+        res = run_cli(*ONE, *extra, cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+    dirs = run_dirs(tmp_path)
+    assert len(dirs) == 3 and all(d.name.startswith("resnet8_bn_b32_s0_") for d in dirs)
+    assert "already completed" in res.stdout + res.stderr
+    digests = {d.name.rsplit("_", 1)[1] for d in dirs}
+    assert digest(identity(make_cfg(*ONE))) in digests
+    res = run_cli(*ONE, "trainer.num_threads=2", "trainer.check_every=7",
+                  "logger.log_every=10", cwd=tmp_path)
+    assert "already completed" in res.stdout + res.stderr and len(run_dirs(tmp_path)) == 3
+
+
+def test_a_refusal_names_every_key_that_differs_and_writes_nothing(tmp_path):
+    assert run_cli(*ONE, "hydra.run.dir=run", cwd=tmp_path).returncode == 0
+    files = lambda: {p: p.read_bytes() for p in (tmp_path / "run").rglob("*")  # noqa: E731
+                     if p.is_file() and p.name != ".lock"}  # the lock holds its holder's pid
+    before = files()
+    res = run_cli(*ONE, "trainer.epochs=2", "data.train_size=128", "hydra.run.dir=run",
+                  cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "data.train_size: 256 there, 128 now; trainer.epochs: 1 there, 2 now" in res.stderr
+    assert files() == before and not (tmp_path / "run" / ".hydra").exists()
+
+
+def test_bad_config_or_data_is_reported_before_anything_about_the_folder(tmp_path):
+    assert run_cli(*ONE, "hydra.run.dir=run", cwd=tmp_path).returncode == 0
+    # a missing data set in a folder that holds another run: the data is what is wrong
+    res = run_cli(*ONE, "data=cifar10", f"data.root={tmp_path / 'nowhere'}",
+                  "data.download=false", "hydra.run.dir=run", cwd=tmp_path)
+    assert res.returncode == 2 and "nowhere" in res.stderr and "another config" not in \
+        res.stderr
+    # a refused new run leaves no folder: neither a bad config nor missing data
+    for args in (("batch_size_per_device=0",), ("data=cifar10", "data.download=false",
+                                                f"data.root={tmp_path / 'nowhere'}")):
+        res = run_cli(*ONE, *args, "hydra.run.dir=fresh", cwd=tmp_path)
+        assert res.returncode == 2 and res.stderr.startswith("error: "), res.stderr
+        assert not (tmp_path / "fresh").exists()
+
+
+def test_a_second_process_on_the_same_folder_exits_at_once_naming_the_holder(tmp_path):
+    args = [*TINY, "data.train_size=4096", "trainer.epochs=3", "hydra.run.dir=run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "config.yaml").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        tic = time.time()
+        second = run_cli(*args, cwd=tmp_path)
+        assert second.returncode == 1 and time.time() - tic < 60
+        assert second.stderr.strip() == (
+            f"error: {tmp_path / 'run'} is in use by another run (pid {first.pid}); wait for it "
+            "to finish, or set hydra.run.dir to another folder")
+        assert first.poll() is None  # the holder goes on
+    finally:
+        first.wait(timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs_completed"] == 3
+
+
+def test_the_lock_of_a_dead_process_does_not_block(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text(dead + "\n")
+    res = run_cli(*ONE, "hydra.run.dir=run", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_run_lock_in_one_process(tmp_path):
+    with RunLock(tmp_path / "a") as lock:
+        assert (tmp_path / "a" / ".lock").read_text().strip() == str(os.getpid())
+        other = subprocess.run([sys.executable, "-c", (
+            "import sys; sys.path.insert(0, sys.argv[1]); from engine.rundir import RunLock\n"
+            "try:\n RunLock(sys.argv[2]).acquire()\nexcept Exception as e: print(e)"),
+            str(ROOT), str(tmp_path / "a")], capture_output=True, text=True,
+            env={k: v for k, v in os.environ.items() if k != "MICROBATCH_RUN_LOCK"})
+        assert f"(pid {os.getpid()})" in other.stdout
+        assert lock.created
+    assert not (tmp_path / "a").exists()  # only the lock was written: a refused run's folder
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep").write_text("x")
+    with RunLock(tmp_path / "b"):
+        pass
+    assert (tmp_path / "b" / "keep").exists()
+    with RunLock(tmp_path / "c"), pytest.raises(RunLocked):
+        os.environ.pop("MICROBATCH_RUN_LOCK")  # as if another process asked
+        RunLock(tmp_path / "c").acquire()
+
+
+def test_durable_writes_leave_the_old_file_or_the_new_one(tmp_path):
+    path = tmp_path / "f.json"
+    write_durably(path, lambda f: f.write(b"old"))
+
+    def fails(f):
+        f.write(b"half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OSError):
+        write_durably(path, fails)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+    names = set()
+    real = os.replace
+    os.replace = lambda a, b: (names.add(Path(a).name), real(a, b))[1]
+    try:
+        for _ in range(2):
+            write_durably(path, lambda f: f.write(b"new"))
+    finally:
+        os.replace = real
+    assert len(names) == 2 and path.read_bytes() == b"new"  # unique temporary names
+
+
+@pytest.mark.parametrize("damage", ["empty", "wrong structure", "wrong model"])
+def test_a_damaged_checkpoint_is_one_line_naming_it_and_is_kept(tmp_path, damage):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    if damage == "empty":
+        ckpt.write_bytes(b"")
+    else:  # hand-made: every key there, of this run's identity, but not what training wrote
+        state = {k: {} for k in checkpoint.KEYS} | {"identity": identity(make_cfg(*ONE))}
+        state |= ({"epoch": "one", "history": {}} if damage == "wrong structure"
+                  else {"epoch": 1, "history": [], "elapsed_s": 1.0,
+                        "model": {"w": torch.zeros(1)}})
+        torch.save(state, ckpt)
+    data = ckpt.read_bytes()
+    res = run_cli(*ONE, "hydra.run.dir=run", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr.startswith(f"error: checkpoint {ckpt}")
+    assert ckpt.read_bytes() == data
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_good_one(tmp_path):
+    """A file-size limit between the first and the second epoch's checkpoint (probes make it
+    grow each epoch) makes the second write fail: one line, and the first stays whole."""
+    args = [*TINY, "trainer.probe_every=1", "trainer.epochs=3"]
+    assert run_cli(*args[:-1], "trainer.epochs=1", "hydra.run.dir=probe",
+                   cwd=tmp_path).returncode == 0
+    size = (tmp_path / "probe" / "checkpoints" / "last.pt").stat().st_size
+    limit = size + 100  # each epoch adds ~300 bytes of metrics and probes
+
+    def set_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "hydra.run.dir=run"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         preexec_fn=set_limit, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 2, res.stderr[-2000:]
+    run = (tmp_path / "run").resolve()
+    assert res.stderr.strip().splitlines() == [
+        f"error: cannot write the run record in {run} (File too large) after epoch 2; the "
+        "checkpoint of epoch 1 is kept: free space (or raise the file-size limit) and re-run "
+        "the same command to resume"]
+    ckpt = run / "checkpoints" / "last.pt"
+    assert checkpoint.load(ckpt)["epoch"] == 1  # whole, and the last good one
+    assert [p.name for p in ckpt.parent.iterdir()] == ["last.pt"]  # no temporary file left
+    resumed = run_cli(*args, "hydra.run.dir=run", cwd=tmp_path)
+    assert resumed.returncode == 0 and "from epoch 1" in resumed.stdout + resumed.stderr
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tmp_path):
+    args = [*TINY, "data.train_size=4096", "trainer.epochs=3", "hydra.run.dir=run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    deadline = time.time() + 240
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    epoch = checkpoint.load(ckpt)["epoch"]
+    assert err.strip() == ("interrupted; re-run the same command to resume from epoch "
+                           f"{epoch} ({ckpt.resolve()})"), err
+    res = run_cli(*args, cwd=tmp_path)
+    assert res.returncode == 0 and f"from epoch {epoch}" in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_to_a_ddp_parent_is_one_line(tmp_path, signum):
+    args = [*TINY, "data.train_size=4096", "trainer.epochs=3", "trainer.devices=2",
+            "hydra.run.dir=run"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (tmp_path / "run" / "config.yaml").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [
+        f"interrupted ({signal.Signals(signum).name}); the workers were stopped; re-run the same "
+        f"command to resume from {(tmp_path / 'run').resolve()}/checkpoints/last.pt"], err
+
+
+def test_an_uncreatable_run_folder_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    res = run_cli(*ONE, "hydra.run.dir=file/run", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.strip() == (
+        f"error: hydra.run.dir=file/run: cannot create it ({tmp_path / 'file'} is not a writable "
+        "folder); choose a folder you can write to")
+
+
+def test_sweeps_validate_every_job_before_launching_any(tmp_path):
+    sweep = ("-m", *ONE, "norm=gn,bn", "norm.groups=5", "name=sw")
+    res = run_cli(*sweep, cwd=tmp_path)
+    assert res.returncode == 2 and not (tmp_path / "multirun").exists()
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 2 and "norm=gn norm.groups=5" in lines[0] and \
+        "norm.groups=5 does not divide num_channels=16" in lines[0]
+    assert lines[1].startswith("error: 1 invalid job(s); nothing was started")
+    res = run_cli(*sweep, "skip_invalid_jobs=true", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    done = [p.parent.name for p in (tmp_path / "multirun").rglob("summary.json")]
+    assert len(done) == 1 and "norm=bn," in done[0] and "norm.groups=5" in done[0]
+    tail = res.stderr.strip().splitlines()[-2:]
+    assert tail[0] == "1 invalid job(s) skipped (skip_invalid_jobs=true):" and "norm=gn" in tail[1]
+
+
+def test_sweep_jobs_over_data_roots_get_their_own_folders(tmp_path):
+    res = run_cli("-m", *ONE, "data.root=a,b", "name=roots", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    names = [p.parent.name for p in (tmp_path / "multirun").rglob("summary.json")]
+    assert sorted(part for n in names for part in n.split(",") if part.startswith("data.root=")) \
+        == ["data.root=a", "data.root=b"]
