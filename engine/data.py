@@ -1,20 +1,9 @@
-"""Data sets and in-memory batching for micro-batch CIFAR training.
+"""Data sets for micro-batch CIFAR training: what is loaded, and from where.
 
-Design
-------
-The whole data set (CIFAR-10/100: 60k images of 3x32x32 bytes, ~180 MB) is held as one uint8
-tensor and uploaded to the training device once.  Training batches are then produced with a
-handful of batched tensor ops on that device (gather rows, random crop via index arithmetic,
-flip via index reversal, float conversion, normalisation).  There is no DataLoader: at 1-2 images
-per device per step, a DataLoader's per-sample Python work (``__getitem__``, PIL transforms,
-collation, pinning, worker IPC) costs far more than the forward/backward pass itself and would
-dominate the measurements this project is about.
-
-Determinism across device counts: every epoch's permutation and *all* augmentation parameters
-(crop offsets, flips) are drawn for the GLOBAL batch on the CPU from a generator seeded by
-``(seed, epoch)``.  A rank only gathers and augments its own rows ``[start:stop)`` of each global
-batch, so the rows it sees are bit-identical to the same rows of the undivided batch: the same run
-on 1, 2 or 8 devices consumes exactly the same images with the same augmentation.
+The data lives in three rooms: this module reads the sources into memory (``load_dataset``),
+``engine/datacache.py`` keeps decoded image folders and archives, and ``engine/batches.py``
+serves batches from memory on the training device.  Every public name of the three is importable
+from here (``from engine.data import GlobalBatches``).
 
 Sources (``load_dataset``)
 --------------------------
@@ -35,19 +24,22 @@ Every user-caused problem raises ``DataError`` with a one-line message naming th
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import tarfile
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .batches import (GlobalBatches, augmentation_params, crop_flip, crop_flip_rows,
+                      eval_batches, normalize, shard_bounds)
+from .datacache import cached, default_cache_dir
+from .datatypes import IMAGE_SIZE, PAD, DataError, Split, is_image_name, mix_seed, one_line
 
 __all__ = [
     "DataError",
@@ -74,25 +66,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
-IMAGE_SIZE = 32
-PAD = 4  # RandomCrop(32, padding=4)
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 ARCHIVE_EXTS = (".tar.gz", ".tgz", ".tar")
-_CACHE_FORMAT = 1  # bump when the cached content/layout changes
-
-
-class DataError(ValueError):
-    """A user-caused data problem; str(e) is one clear line naming the config key (e.g.
-    data.root), the bad value and what is allowed/expected."""
-
-
-@dataclass
-class Split:
-    images: torch.Tensor  # uint8 [N, 3, 32, 32], contiguous
-    labels: torch.Tensor  # int64 [N]
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 @dataclass
@@ -139,11 +113,6 @@ _SPECS = {
     ),
 }
 _NAMES = ("cifar10", "cifar100", "synthetic")
-
-
-def _one_line(text: object, limit: int = 200) -> str:
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def _expected(spec: _Spec) -> str:
@@ -223,12 +192,6 @@ def subset_indices(labels: torch.Tensor, n: int, num_classes: int | None = None)
 # CIFAR from disk
 
 
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/microbatch`` or ``~/.cache/microbatch``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "microbatch"
-
-
 def _load_cifar(name: str, root, download: bool, cache_dir) -> Dataset:
     spec = _SPECS[name]
     if (root is None or str(root).strip() == "") and download:
@@ -248,7 +211,7 @@ def _load_cifar(name: str, root, download: bool, cache_dir) -> Dataset:
             raise DataError(
                 f"data.root={root_str} is a file but not a .tar.gz/.tgz/.tar archive; {_expected(spec)}"
             )
-        train, test, classes = _cached(name, path, cache_dir, lambda: _read_archive(spec, path, root_str))
+        train, test, classes = cached(name, path, cache_dir, lambda: _read_archive(spec, path, root_str))
     elif path.is_dir():
         kind = _detect_dir(spec, path)
         if kind is None and download:
@@ -276,7 +239,7 @@ def _load_cifar(name: str, root, download: bool, cache_dir) -> Dataset:
         if layout == "pickle":
             train, test, classes = _read_pickled_dir(spec, where, root_str)
         else:
-            train, test, classes = _cached(
+            train, test, classes = cached(
                 name, where, cache_dir, lambda: _read_image_dir(spec, where, root_str)
             )
     elif path.exists():
@@ -308,7 +271,7 @@ def _listing(path: Path, limit: int = 6) -> str:
     try:
         names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     except OSError as e:
-        return f"unreadable: {_one_line(e, 80)}"
+        return f"unreadable: {one_line(e, 80)}"
     if not names:
         return "it is empty"
     more = f", ... ({len(names)} entries)" if len(names) > limit else ""
@@ -339,7 +302,7 @@ def _download(spec: _Spec, path: Path, root_str: str) -> None:
     except Exception as e:  # URLError, RuntimeError (md5), OSError, ...
         raise DataError(
             f"data.download=true but downloading {spec.pretty} to {root_str} failed "
-            f"({type(e).__name__}: {_one_line(e, 120)}); no network? Put the data under data.root "
+            f"({type(e).__name__}: {one_line(e, 120)}); no network? Put the data under data.root "
             f"(pickled or image-folder layout)"
         ) from None
 
@@ -351,7 +314,7 @@ def _unpickle(blob: bytes, where: str) -> dict:
     try:
         obj = pickle.loads(blob, encoding="bytes")
     except Exception as e:
-        raise DataError(f"data.root: cannot read pickle {where} ({_one_line(e, 100)})") from None
+        raise DataError(f"data.root: cannot read pickle {where} ({one_line(e, 100)})") from None
     if not isinstance(obj, dict):
         raise DataError(f"data.root: pickle {where} does not hold a dict as torchvision's CIFAR files do")
     return obj
@@ -406,7 +369,7 @@ def _read_pickled_dir(spec: _Spec, d: Path, root_str: str):
         try:
             return str(p), p.read_bytes()
         except OSError as e:
-            raise DataError(f"data.root={root_str}: cannot read {p} ({_one_line(e, 100)})") from None
+            raise DataError(f"data.root={root_str}: cannot read {p} ({one_line(e, 100)})") from None
 
     return _read_pickled(spec, read)
 
@@ -434,7 +397,7 @@ def _decode_image(data: bytes, where: str) -> torch.Tensor:
             with Image.open(io.BytesIO(data)) as im:
                 img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
     except Exception as e:
-        raise DataError(f"data.root: cannot decode image {where} ({_one_line(e, 100)})") from None
+        raise DataError(f"data.root: cannot decode image {where} ({one_line(e, 100)})") from None
     if tuple(img.shape) != (3, IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(
             f"data.root: image {where} is {img.shape[-1]}x{img.shape[-2]}; expected 32x32 RGB "
@@ -485,10 +448,6 @@ def _decode_tree_inner(tree, classes, get_bytes) -> tuple[Split, Split]:
     return out[0], out[1]
 
 
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTS) and not name.startswith(".")
-
-
 def _scan_image_dir(d: Path) -> dict[str, dict[str, list[Path]]]:
     tree: dict[str, dict[str, list[Path]]] = {}
     for split in ("train", "test"):
@@ -496,7 +455,7 @@ def _scan_image_dir(d: Path) -> dict[str, dict[str, list[Path]]]:
         for cdir in sorted((d / split).iterdir()):
             if cdir.is_dir() and not cdir.name.startswith(".") and cdir.name != "__MACOSX":
                 tree[split][cdir.name] = sorted(
-                    p for p in cdir.iterdir() if _is_image_name(p.name) and p.is_file()
+                    p for p in cdir.iterdir() if is_image_name(p.name) and p.is_file()
                 )
     return tree
 
@@ -509,7 +468,7 @@ def _read_image_dir(spec: _Spec, d: Path, root_str: str):
         try:
             return str(p), p.read_bytes()
         except OSError as e:
-            raise DataError(f"data.root={root_str}: cannot read {p} ({_one_line(e, 100)})") from None
+            raise DataError(f"data.root={root_str}: cannot read {p} ({one_line(e, 100)})") from None
 
     train, test = _decode_tree(tree, classes, get)
     return train, test, classes
@@ -537,7 +496,7 @@ def _read_archive(spec: _Spec, path: Path, root_str: str):
                     continue
                 if not m.isfile():
                     continue
-                if len(parts) >= 3 and parts[-3] in ("train", "test") and _is_image_name(parts[-1]):
+                if len(parts) >= 3 and parts[-3] in ("train", "test") and is_image_name(parts[-1]):
                     f = tf.extractfile(m)
                     blobs[m.name] = f.read() if f is not None else b""
                     images.setdefault(parts[:-3], {}).setdefault(parts[-3], {}).setdefault(
@@ -548,7 +507,7 @@ def _read_archive(spec: _Spec, path: Path, root_str: str):
                     blobs[m.name] = f.read() if f is not None else b""
                     pickled[parts[-1]] = m.name
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"data.root={root_str}: cannot read the archive ({_one_line(e, 120)})") from None
+        raise DataError(f"data.root={root_str}: cannot read the archive ({one_line(e, 120)})") from None
 
     candidates = {p: t for p, t in images.items() if any(t.get(s) for s in ("train", "test"))}
     if candidates:
@@ -578,78 +537,8 @@ def _read_archive(spec: _Spec, path: Path, root_str: str):
     )
 
 
-# ---- decoded-image cache
-
-
-def _source_fingerprint(name: str, source: Path) -> str:
-    h = hashlib.sha256()
-    h.update(f"v{_CACHE_FORMAT}|{name}|{source}".encode())
-    if source.is_file():
-        st = source.stat()
-        h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
-    else:
-        for split in ("train", "test"):
-            d = source / split
-            for cdir in sorted(d.iterdir()) if d.is_dir() else []:
-                if not cdir.is_dir():
-                    continue
-                for p in sorted(cdir.iterdir()):
-                    if _is_image_name(p.name):
-                        st = p.stat()
-                        h.update(f"|{split}/{cdir.name}/{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:24]
-
-
-def _cached(name: str, source: Path, cache_dir, build):
-    try:
-        key = _source_fingerprint(name, source)
-    except OSError:
-        return build()
-    cdir = Path(os.path.expanduser(str(cache_dir))) if cache_dir is not None else default_cache_dir()
-    cfile = cdir / f"{name}-{key}.pt"
-    if cfile.is_file():
-        try:
-            blob = torch.load(cfile, map_location="cpu", weights_only=True)
-            train = Split(blob["train_images"].contiguous(), blob["train_labels"].to(torch.int64))
-            test = Split(blob["test_images"].contiguous(), blob["test_labels"].to(torch.int64))
-            return train, test, [str(c) for c in blob["classes"]]
-        except Exception as e:
-            warnings.warn(f"ignoring unreadable data cache {cfile} ({_one_line(e, 100)}); rebuilding")
-    train, test, classes = build()
-    tmp = None
-    try:
-        cdir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cdir, prefix=f".{cfile.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(
-                {
-                    "format": _CACHE_FORMAT,
-                    "train_images": train.images,
-                    "train_labels": train.labels,
-                    "test_images": test.images,
-                    "test_labels": test.labels,
-                    "classes": list(classes),
-                },
-                f,
-            )
-        os.replace(tmp, cfile)
-        tmp = None
-    except OSError as e:
-        warnings.warn(f"could not write data cache {cfile} ({_one_line(e, 100)}); continuing without it")
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return train, test, classes
-
-
 # --------------------------------------------------------------------------------------------
 # Synthetic data
-
-
-def _mix_seed(*parts) -> int:
-    """Deterministic (Python-version independent) 63-bit seed from a tuple of ints/strings."""
-    digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _synthetic(train_size: int, test_size: int, seed: int, num_classes: int = 10) -> Dataset:
@@ -663,13 +552,13 @@ def _synthetic(train_size: int, test_size: int, seed: int, num_classes: int = 10
     for key, val in (("data.train_size", train_size), ("data.test_size", test_size)):
         if int(val) <= 0:
             raise DataError(f"{key}={val} must be > 0 for data.name=synthetic (empty split)")
-    g = torch.Generator().manual_seed(_mix_seed("synthetic-templates", int(seed)))
+    g = torch.Generator().manual_seed(mix_seed("synthetic-templates", int(seed)))
     grid = torch.rand((num_classes, 3, 4, 4), generator=g) * 0.8 + 0.1
     side = IMAGE_SIZE + 2 * PAD
     templates = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False).clamp(0, 1)
 
     def make(n: int, stream: str) -> Split:
-        gs = torch.Generator().manual_seed(_mix_seed("synthetic", stream, int(seed)))
+        gs = torch.Generator().manual_seed(mix_seed("synthetic", stream, int(seed)))
         labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gs)]
         other = (labels + torch.randint(1, num_classes, (n,), generator=gs)) % num_classes
         weight = torch.rand((n, 1, 1, 1), generator=gs) * 0.5
@@ -690,147 +579,3 @@ def _synthetic(train_size: int, test_size: int, seed: int, num_classes: int = 10
     mean = tuple(float(v) for v in px.mean(1))
     std = tuple(float(v) for v in px.std(1, unbiased=False))
     return Dataset("synthetic", train, test, [f"class{i}" for i in range(num_classes)], mean, std)
-
-
-# --------------------------------------------------------------------------------------------
-# Batching
-
-
-def _as_stats(v, device) -> torch.Tensor:
-    return torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-
-
-def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float32 ``(x/255 - mean) / std`` (mean/std shaped [1,3,1,1])."""
-    return x_uint8.to(torch.float32).div_(255.0).sub_(mean).div_(std)
-
-
-def augmentation_params(seed: int, epoch: int, n: int, global_batch: int):
-    """The epoch's draws for the whole global batch, on the CPU.
-
-    Returns ``(index, dy, dx, flip)``, each shaped ``[steps, global_batch]`` with
-    ``steps = n // global_batch``: image indices (a permutation prefix), crop offsets in
-    ``0..2*PAD`` into the zero-padded 40x40 image, and horizontal-flip flags.  Drawn in this order
-    from ``torch.Generator().manual_seed(mix(seed, epoch))``.
-    """
-    steps = n // global_batch
-    g = torch.Generator().manual_seed(_mix_seed("epoch", int(seed), int(epoch)))
-    perm = torch.randperm(n, generator=g)[: steps * global_batch].view(steps, global_batch)
-    dy = torch.randint(0, 2 * PAD + 1, (steps, global_batch), generator=g)
-    dx = torch.randint(0, 2 * PAD + 1, (steps, global_batch), generator=g)
-    flip = torch.randint(0, 2, (steps, global_batch), generator=g).bool()
-    return perm, dy, dx, flip
-
-
-def crop_flip(
-    x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int = PAD,
-    size: int = IMAGE_SIZE,
-) -> torch.Tensor:
-    """Batched ``RandomCrop(size, padding=pad)`` (zero fill) + optional horizontal flip.
-
-    Row i of the result is ``flip_i ? hflip(P_i[:, dy_i:dy_i+size, dx_i:dx_i+size]) : P_i[...]``
-    where ``P_i`` is ``x[i]`` zero-padded by ``pad`` on every side.  Works on any dtype/device;
-    dy/dx/flip must be on ``x``'s device.
-    """
-    if pad:
-        x = F.pad(x, (pad, pad, pad, pad))
-    return crop_flip_rows(x, torch.arange(len(x), device=x.device), dy, dx, flip, size)
-
-
-def crop_flip_rows(padded: torch.Tensor, rows: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
-                   flip: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Rows ``rows`` of the already padded ``padded``, cropped at (dy, dx) and flipped where
-    ``flip``: one gather of whole ``size``-pixel lines from a view of every window (3x faster
-    on the CPU than indexing pixel by pixel, and one kernel on a GPU), then the flips."""
-    windows = padded.unfold(2, size, 1).unfold(3, size, 1)  # [N, C, H-size+1, W-size+1, s, s]
-    x = windows[rows, :, dy, dx]  # [b, C, size, size]
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-
-
-class GlobalBatches:
-    """Training batches served from memory on `device` with batched augmentation (no DataLoader).
-    The epoch's order and augmentation are drawn for the GLOBAL batch from a generator seeded
-    by (seed, epoch), so any split of the global batch into devices sees the same images.
-
-    ``epoch(e, start, stop)`` yields, per step, float32 normalised images ``[stop-start,3,32,32]``
-    and int64 labels of rows ``[start:stop)`` of each global batch (DDP rank r of W: rows
-    ``[r*g//W, (r+1)*g//W)``).  ``augment=False`` keeps the shuffle but skips crop/flip.
-    """
-
-    def __init__(self, split: Split, global_batch: int, mean, std, device, augment: bool = True,
-                 seed: int = 0):
-        n = len(split)
-        if not 1 <= int(global_batch) <= n:
-            raise DataError(
-                f"global batch size {global_batch} must be between 1 and the number of training "
-                f"images ({n})"
-            )
-        self.device = torch.device(device)
-        images = split.images.to(self.device).contiguous()  # uploaded once
-        # Augmenting: zero-padded once (not every step), each step gathers its crops from it.
-        self.images = F.pad(images, (PAD,) * 4) if augment else images
-        self.labels = split.labels.to(self.device, torch.int64)
-        self.n = n
-        self.global_batch = int(global_batch)
-        self.mean = _as_stats(mean, self.device)
-        self.std = _as_stats(std, self.device)
-        self.augment = bool(augment)
-        self.seed = int(seed)
-
-    def __len__(self) -> int:
-        return self.n // self.global_batch
-
-    def epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        stop = self.global_batch if stop is None else int(stop)
-        start = int(start)
-        if not 0 <= start < stop <= self.global_batch:
-            raise ValueError(f"need 0 <= start < stop <= global_batch={self.global_batch}, got [{start}:{stop})")
-        return self._iter(epoch, start, stop)
-
-    def _iter(self, epoch, start, stop):
-        perm, dy, dx, flip = augmentation_params(self.seed, epoch, self.n, self.global_batch)
-        dev = self.device
-        perm = perm[:, start:stop].to(dev, non_blocking=True)
-        dy = dy[:, start:stop].to(dev, non_blocking=True)
-        dx = dx[:, start:stop].to(dev, non_blocking=True)
-        flip = flip[:, start:stop].to(dev, non_blocking=True)
-        for s in range(perm.shape[0]):
-            idx = perm[s]
-            if self.augment:
-                x = crop_flip_rows(self.images, idx, dy[s], dx[s], flip[s])
-            else:
-                x = self.images[idx]
-            yield normalize(x, self.mean, self.std), self.labels[idx]
-
-
-def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous shard ``[lo, hi)`` of ``n`` items for ``rank`` of ``world_size``: the first
-    ``n % W`` ranks get one item more, so shards differ by at most one, later ranks may be shorter
-    (n=10, W=3 -> 4, 3, 3) and together they cover every index exactly once (no padding, no
-    duplicates)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    q, rem = divmod(n, world_size)
-    lo = rank * q + min(rank, rem)
-    return lo, lo + q + (1 if rank < rem else 0)
-
-
-def eval_batches(split: Split, batch_size: int, mean, std, device, rank: int = 0,
-                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's contiguous shard of ``split`` exactly once, in order, no augmentation; the last
-    batch may be short and a rank's shard may be empty when ``world_size > len(split)``
-    (reduce metrics as sums over ranks, not means of means)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    lo, hi = shard_bounds(len(split), rank, world_size)
-    return _eval_iter(split, batch_size, mean, std, torch.device(device), lo, hi)
-
-
-def _eval_iter(split, batch_size, mean, std, device, lo, hi):
-    if hi <= lo:
-        return
-    m, s = _as_stats(mean, device), _as_stats(std, device)
-    images = split.images[lo:hi].to(device)
-    labels = split.labels[lo:hi].to(device, torch.int64)
-    for i in range(0, hi - lo, batch_size):
-        yield normalize(images[i : i + batch_size], m, s), labels[i : i + batch_size]
