@@ -24,6 +24,8 @@ Every user-caused problem raises ``DataError`` with a one-line message naming th
 
 from __future__ import annotations
 
+import importlib
+import io
 import os
 import pickle
 import tarfile
@@ -310,9 +312,55 @@ def _download(spec: _Spec, path: Path, root_str: str) -> None:
 # ---- pickled layout
 
 
+def _numpy_core(module: str):
+    try:
+        return importlib.import_module(f"numpy._core.{module}")
+    except ImportError:  # numpy 1.x
+        return importlib.import_module(f"numpy.core.{module}")
+
+
+def _frombuffer(buf, dtype, shape, order):
+    """numpy's own reader of protocol-5 array pickles, redone here: the unpickler hands out this
+    copy, so a crafted pickle that sets attributes on it changes nothing of numpy's."""
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+
+
+# The only globals a CIFAR pickle may name: the pieces of a numpy array, under the module names
+# of numpy 1.x (the official files: numpy.core.multiarray) and 2.x (numpy._core), and numpy's
+# protocol-5 form. Everything else (os.system, builtins.eval, ...) is refused before it is
+# looked up, so no code a pickle names ever runs.
+_PICKLE_GLOBALS = {
+    **{(f"numpy.{core}.multiarray", "_reconstruct"): _numpy_core("multiarray")._reconstruct
+       for core in ("core", "_core")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _frombuffer for core in ("core", "_core")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Reads dicts, lists, tuples, str/bytes, numbers and numpy arrays; nothing else."""
+
+    def find_class(self, module: str, name: str):
+        found = _PICKLE_GLOBALS.get((module, name))
+        if found is None:
+            raise _Refused(f"{module}.{name}")
+        return found
+
+
 def _unpickle(blob: bytes, where: str) -> dict:
     try:
-        obj = pickle.loads(blob, encoding="bytes")
+        obj = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except _Refused as e:
+        raise DataError(
+            f"data.root: pickle {where} names {one_line(e, 80)}, which CIFAR pickles never hold; "
+            "refused without running it (only dicts, lists, strings, numbers and numpy arrays "
+            "are read)"
+        ) from None
     except Exception as e:
         raise DataError(f"data.root: cannot read pickle {where} ({one_line(e, 100)})") from None
     if not isinstance(obj, dict):

@@ -4,6 +4,7 @@ data, batched augmentation and evaluation sharding.  All data is generated in tm
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import tarfile
@@ -207,6 +208,78 @@ def test_jpeg_folder_decodes_close(tmp_path):
     expected = torch.tensor([20 * ci + 10 for ci in range(10)], dtype=torch.float32)
     got = ds.train.images[:, 1].float().mean((1, 2))
     assert torch.allclose(got, expected, atol=3)
+
+
+# ------------------------------------------------------------------------------------------
+# pickles are untrusted input
+
+
+class Py2Pickler(pickle._Pickler):
+    """Pickles as the official CIFAR files were written (Python 2's cPickle, protocol 2): str and
+    bytes as Python 2 str (BINSTRING), numpy's _reconstruct under numpy 1.x's module name."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + len(data).to_bytes(4, "little") + data)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = save_py2_str
+
+
+def py2_dumps(obj) -> bytes:
+    f = io.BytesIO()
+    Py2Pickler(f, protocol=2).dump(obj)
+    return f.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+@pytest.mark.parametrize("form", ["python2", 4, 5])
+def test_pickles_as_written_by_python2_and_by_numpy2_load(cifar10_pickled, tmp_path, form):
+    d, train, trl, test, tel = cifar10_pickled
+    for f in d.iterdir():  # rewrite every file in this form
+        obj = pickle.loads(f.read_bytes())
+        f.write_bytes(py2_dumps(obj) if form == "python2" else pickle.dumps(obj, protocol=form))
+    if form == "python2":
+        assert b"cnumpy.core.multiarray\n_reconstruct" in (d / "test_batch").read_bytes()
+    ds = load_dataset("cifar10", str(d), cache_dir=str(tmp_path / "cache"))
+    assert ds.classes == CIFAR10_CLASSES
+    assert_split(ds.train, train, trl)
+    assert_split(ds.test, test, tel)
+
+
+class CreatesFile:
+    """What an attacker puts in a pickle: unpickling it calls open(path, "w")."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("member", ["batches.meta", "data_batch_1"])
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_a_pickle_that_would_run_code_is_refused_before_it_runs(cifar10_pickled, tmp_path, member,
+                                                                as_archive):
+    d = cifar10_pickled[0]
+    marker = tmp_path / "pwned"
+    crafted = {b"label_names": CreatesFile(marker)} if member == "batches.meta" else \
+        {b"data": CreatesFile(marker), b"labels": [0] * 4}
+    blob = pickle.dumps(crafted)
+    pickle.loads(blob)  # the exploit is real: plain pickle creates the file
+    assert marker.exists()
+    marker.unlink()
+    (d / member).write_bytes(blob)
+    root = make_tar(d, tmp_path / "c10.tar.gz", "cifar-10-batches-py") if as_archive else d
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    where = f"{root}:cifar-10-batches-py/{member}" if as_archive else str(d / member)
+    _one_line_error(e, f"pickle {where} names {open.__module__}.open,", "refused")
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------------------
