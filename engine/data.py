@@ -28,6 +28,8 @@ import importlib
 import io
 import os
 import pickle
+import re
+import struct
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -425,11 +427,61 @@ def _read_pickled_dir(spec: _Spec, d: Path, root_str: str):
 # ---- image-folder layout
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG frame headers (SOF0-SOF15) hold the size; C4, C8 and CC share the range but are not frames.
+_JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first frame header, walking the segments before the scan."""
+    i = 2  # after SOI
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # segments without a length
+            i += 2
+        elif marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before
+            return None
+        elif marker in _JPEG_FRAMES:
+            if i + 9 > len(data):
+                return None
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _image_size(data: bytes, where: str) -> tuple[int, int]:
+    """(width, height) from a PNG's or a JPEG's header, read before decoding: a 16000x16000
+    image is refused without allocating its 768 MB of pixels."""
+    if data[:8] == _PNG_SIGNATURE:
+        size = tuple(struct.unpack(">II", data[16:24])) if data[12:16] == b"IHDR" else None
+    elif data[:2] == b"\xff\xd8":
+        size = _jpeg_size(data)
+    else:
+        raise DataError(
+            f"data.root: image {where} is not a PNG or JPEG file (it starts with {data[:8]!r}); "
+            "expected 32x32 RGB PNG or JPEG (CIFAR images)"
+        )
+    if size is None:
+        raise DataError(f"data.root: image {where} has no readable size in its header (a truncated file?)")
+    return size
+
+
+def _decode_error(e: Exception) -> str:
+    """The decoder's reason, without torchvision's 'function, /path/to/source.cpp:123, ' prefix."""
+    return one_line(re.sub(r"^[\w()]+, \S+:\d+, ", "", str(e)), 160)
+
+
 def _decode_image(data: bytes, where: str) -> torch.Tensor:
     """Decode one JPEG/PNG to uint8 [3, 32, 32] RGB; DataError naming ``where`` otherwise.
 
     Uses torchvision.io (about 3x faster than PIL for tiny JPEGs; its deprecation warning is
     silenced by the caller), falling back to PIL where torchvision.io has no decoder."""
+    width, height = _image_size(data, where)
+    if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"data.root: image {where} is {width}x{height}; expected 32x32 RGB (CIFAR images)")
     try:
         try:
             from torchvision.io import ImageReadMode, decode_image
@@ -438,14 +490,12 @@ def _decode_image(data: bytes, where: str) -> torch.Tensor:
         if decode_image is not None:
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         else:
-            import io
-
             from PIL import Image
 
             with Image.open(io.BytesIO(data)) as im:
                 img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
     except Exception as e:
-        raise DataError(f"data.root: cannot decode image {where} ({one_line(e, 100)})") from None
+        raise DataError(f"data.root: cannot decode image {where} ({_decode_error(e)})") from None
     if tuple(img.shape) != (3, IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(
             f"data.root: image {where} is {img.shape[-1]}x{img.shape[-2]}; expected 32x32 RGB "

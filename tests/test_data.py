@@ -7,14 +7,17 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import struct
 import tarfile
 import time
+import zlib
 from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
 import pytest
 import torch
+import torchvision.io
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
@@ -468,6 +471,82 @@ def test_error_corrupt_image(image_folder, tmp_path):
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
     _one_line_error(e, "data.root", str(bad))
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    """A valid black 1-bit greyscale PNG: 16000x16000 is 32 KB on disk, 768 MB once decoded to
+    RGB."""
+    def chunk(kind, body):
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    rows = (b"\x00" + bytes((width + 7) // 8)) * height
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows, 1)) + chunk(b"IEND", b""))
+
+
+def jpeg_bytes(width: int, height: int) -> bytes:
+    f = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(f, "JPEG")
+    return f.getvalue()
+
+
+def test_png_maker_makes_pngs(monkeypatch):
+    with Image.open(io.BytesIO(png_bytes(40, 24))) as im:
+        im.load()
+        assert (im.size, im.mode, im.getextrema()) == ((40, 24), "1", (0, 0))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # PIL would refuse it as a bomb
+    with Image.open(io.BytesIO(png_bytes(16000, 16000))) as im:  # reads the header only
+        assert im.size == (16000, 16000)
+
+
+@pytest.mark.parametrize("kind,size", [("png", (16000, 16000)), ("jpg", (40, 24))])
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_an_oversized_image_is_refused_from_its_header_without_decoding(
+        image_folder, tmp_path, monkeypatch, kind, size, as_archive):
+    root = image_folder[0]
+    bad = root / "train" / "bird" / f"0001.{kind}"
+    (root / "train" / "bird" / "0001.png").unlink()
+    blob = png_bytes(*size) if kind == "png" else jpeg_bytes(*size)
+    bad.write_bytes(blob)
+    decode = torchvision.io.decode_image
+
+    def decode_all_but_the_bad_one(data, *args, **kwargs):
+        assert data.numpy().tobytes() != blob, "the oversized image was decoded"
+        return decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_image", decode_all_but_the_bad_one)
+    src = make_tar(root, tmp_path / "imgs.tar.gz", "imgs") if as_archive else root
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(src), cache_dir=str(tmp_path / "cache"))
+    where = f"{src}:imgs/train/bird/0001.{kind}" if as_archive else str(bad)
+    _one_line_error(e, f"image {where} is {size[0]}x{size[1]}; expected 32x32")
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("jpg", "Image is incomplete or truncated"),
+    ("png", "Out of bound read in decode_png. Probably, the input image is corrupted"),
+])
+def test_a_decode_error_keeps_its_reason(image_folder, tmp_path, kind, reason):
+    root = image_folder[0]
+    good = jpeg_bytes(32, 32) if kind == "jpg" else (root / "test" / "ship" / "0000.png").read_bytes()
+    bad = root / "test" / "ship" / f"0000.{kind}"
+    (root / "test" / "ship" / "0000.png").unlink()
+    bad.write_bytes(good[: len(good) // 2])  # the header is intact, the pixels are cut
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    _one_line_error(e, f"cannot decode image {bad} ({reason})")
+    assert ".cpp" not in str(e.value)
+
+
+def test_a_file_that_is_neither_png_nor_jpeg_is_refused(image_folder, tmp_path):
+    root = image_folder[0]
+    bad = root / "train" / "cat" / "0000.png"
+    f = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(f, "GIF")
+    bad.write_bytes(f.getvalue())
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    _one_line_error(e, f"image {bad} is not a PNG or JPEG file (it starts with b'GIF8")
 
 
 def test_error_wrong_class_count(tmp_path):
