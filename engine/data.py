@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import importlib
 import io
+import itertools
 import os
 import pickle
 import re
 import struct
 import tarfile
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -119,11 +121,15 @@ _SPECS = {
 _NAMES = ("cifar10", "cifar100", "synthetic")
 
 
-def _expected(spec: _Spec) -> str:
+def _layouts(spec: _Spec) -> str:
     return (
-        f"expected {spec.pickle_dir}/ (torchvision pickles) or train/<class>/*.png|jpg + "
-        f"test/<class>/* image folders, or a .tar.gz/.tgz/.tar archive of those"
+        f"{spec.pickle_dir}/ (torchvision pickles), train/<class>/*.png|jpg + test/<class>/* "
+        f"(an image folder), or a .tar.gz/.tgz/.tar archive of either"
     )
+
+
+def _expected(spec: _Spec) -> str:
+    return f"expected {_layouts(spec)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -219,13 +225,7 @@ def _load_cifar(name: str, root, download: bool, cache_dir) -> Dataset:
     elif path.is_dir():
         kind = _detect_dir(spec, path)
         if kind is None and download:
-            _download(spec, path, root_str)
-            kind = _detect_dir(spec, path)
-            if kind is None:
-                raise DataError(
-                    f"data.download=true but no {spec.pretty} data appeared under data.root={root_str} "
-                    f"after downloading; {_expected(spec)}"
-                )
+            kind = "pickle", _download(spec, path, root_str)
         if kind is None:
             for d in (path / spec.pickle_dir, path):
                 names = spec.train_files + spec.test_files + (spec.meta_file,)
@@ -250,14 +250,7 @@ def _load_cifar(name: str, root, download: bool, cache_dir) -> Dataset:
         raise DataError(f"data.root={root_str} is neither a directory nor an archive file; {_expected(spec)}")
     else:
         if download:
-            _download(spec, path, root_str)
-            kind = _detect_dir(spec, path)
-            if kind is None or kind[0] != "pickle":
-                raise DataError(
-                    f"data.download=true but no {spec.pretty} data appeared under data.root={root_str} "
-                    f"after downloading; {_expected(spec)}"
-                )
-            train, test, classes = _read_pickled_dir(spec, kind[1], root_str)
+            train, test, classes = _read_pickled_dir(spec, _download(spec, path, root_str), root_str)
         else:
             raise DataError(
                 f"data.root={root_str} does not exist; {_expected(spec)}, or set data.download=true"
@@ -296,19 +289,68 @@ def _detect_dir(spec: _Spec, path: Path) -> tuple[str, Path] | None:
     return None
 
 
-def _download(spec: _Spec, path: Path, root_str: str) -> None:
-    try:
-        import torchvision
+def _download(spec: _Spec, path: Path, root_str: str) -> Path:
+    """The official pickles, downloaded to ``path/<pickle_dir>``, which is returned.
 
-        cls = torchvision.datasets.CIFAR10 if spec.num_classes == 10 else torchvision.datasets.CIFAR100
-        path.mkdir(parents=True, exist_ok=True)
-        cls(str(path), train=False, download=True)
+    The archive is fetched (md5-checked by torchvision) and extracted into a temporary folder
+    inside ``path``, and the pickles are moved into place only once complete; the archive is
+    not kept.  On any failure, Ctrl-C included, everything this created goes again, the folders
+    of ``path`` that did not exist before included, so a failed download leaves nothing behind.
+    """
+    created = list(itertools.takewhile(lambda p: not p.exists(), [path, *path.parents]))
+    try:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            staging = tempfile.TemporaryDirectory(prefix=".download-", dir=path)
+        except OSError as e:
+            raise DataError(
+                f"data.download=true but data.root={root_str} cannot be created or written to "
+                f"({one_line(e, 120)})"
+            ) from None
+        with staging as tmp:
+            _fetch(spec, Path(tmp), root_str)
+            _move_into_place(Path(tmp) / spec.pickle_dir, path / spec.pickle_dir)
+    except BaseException:
+        for d in created:  # innermost first; rmdir leaves a folder someone else has filled
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    return path / spec.pickle_dir
+
+
+def _fetch(spec: _Spec, into: Path, root_str: str) -> None:
+    """torchvision's download of the official archive, extracted into ``into``."""
+    try:
+        import torchvision.datasets.cifar as tv_cifar
+
+        cls = tv_cifar.CIFAR10 if spec.num_classes == 10 else tv_cifar.CIFAR100
+        tv_cifar.download_and_extract_archive(cls.url, str(into), filename=cls.filename, md5=cls.tgz_md5)
     except Exception as e:  # URLError, RuntimeError (md5), OSError, ...
         raise DataError(
             f"data.download=true but downloading {spec.pretty} to {root_str} failed "
-            f"({type(e).__name__}: {one_line(e, 120)}); no network? Put the data under data.root "
-            f"(pickled or image-folder layout)"
+            f"({type(e).__name__}: {one_line(e, 120)}); no network? Nothing was left behind. Set "
+            f"data.root to a copy of {spec.pretty} on disk: {_layouts(spec)}"
         ) from None
+    if not _is_pickle_dir(spec, into / spec.pickle_dir):
+        raise DataError(
+            f"data.download=true but the downloaded {spec.pretty} archive holds no complete "
+            f"{spec.pickle_dir}/; nothing was left behind under data.root={root_str}"
+        )
+
+
+def _move_into_place(src: Path, dest: Path) -> None:
+    """One rename of the complete folder; into an existing (incomplete) one, one per file."""
+    try:
+        if not dest.exists():
+            os.replace(src, dest)
+            return
+        for f in src.iterdir():
+            os.replace(f, dest / f.name)
+    except OSError as e:
+        raise DataError(f"data.download=true but the downloaded pickles cannot be moved to {dest} "
+                        f"({one_line(e, 120)})") from None
 
 
 # ---- pickled layout

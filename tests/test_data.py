@@ -603,6 +603,70 @@ def test_download_not_attempted_when_data_present(cifar10_pickled, monkeypatch):
     assert len(ds.train) == 20
 
 
+def tree(path: Path) -> list[str]:
+    """Every file and folder below path, relative, sorted (hidden ones included)."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("interrupt", [URLError("[Errno 111] Connection refused"), KeyboardInterrupt()])
+@pytest.mark.parametrize("before", ["missing", "empty", "holds a file"])
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, interrupt, before):
+    import torchvision.datasets.cifar as tv_cifar
+
+    def half_a_download(url, download_root, filename=None, md5=None):
+        Path(download_root, filename).write_bytes(b"half an archive")
+        Path(download_root, "cifar-10-batches-py").mkdir()
+        raise interrupt
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", half_a_download)
+    base = tmp_path / "base"
+    base.mkdir()
+    root = base / "data" / "cifar" if before == "missing" else base / "data"
+    if before != "missing":
+        root.mkdir()
+    if before == "holds a file":
+        (root / "notes.txt").write_text("mine")
+    was = tree(base)
+    with pytest.raises(DataError if isinstance(interrupt, URLError) else KeyboardInterrupt) as e:
+        load_dataset("cifar10", str(root), download=True)
+    assert tree(base) == was  # data.root's missing folders, the staging folder: all gone
+    if isinstance(interrupt, URLError):
+        _one_line_error(e, "no network? Nothing was left behind", "data.root to a copy of CIFAR-10 on disk",
+                        "cifar-10-batches-py/ (torchvision pickles)", "(an image folder)",
+                        ".tar.gz", "archive of either")
+
+
+@pytest.mark.parametrize("before", ["missing", "incomplete"])
+def test_a_download_is_moved_into_place_only_when_complete(cifar10_pickled, tmp_path, monkeypatch,
+                                                           before):
+    import shutil
+
+    import torchvision.datasets.cifar as tv_cifar
+
+    d, train, trl, test, tel = cifar10_pickled
+    root = tmp_path / "new" / "data"
+    if before == "incomplete":
+        shutil.copytree(d, root / "cifar-10-batches-py")
+        (root / "cifar-10-batches-py" / "data_batch_3").unlink()
+    seen = {}
+
+    def download(url, download_root, filename=None, md5=None):
+        assert url == tv_cifar.CIFAR10.url and md5 == tv_cifar.CIFAR10.tgz_md5
+        Path(download_root, filename).write_bytes(b"the archive")
+        shutil.copytree(d, Path(download_root, "cifar-10-batches-py"))  # "extracted"
+        seen["in place while downloading"] = tree(root)
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", download)
+    ds = load_dataset("cifar10", str(root), download=True)
+    assert_split(ds.train, train, trl)
+    assert_split(ds.test, test, tel)
+    staging = [n for n in seen["in place while downloading"] if n.startswith(".download-")]
+    assert staging and not any(n.startswith("cifar-10-batches-py/data_batch_3")
+                               for n in seen["in place while downloading"])
+    assert tree(root) == ["cifar-10-batches-py"] + sorted(
+        f"cifar-10-batches-py/{f.name}" for f in d.iterdir())  # no archive, no staging folder
+
+
 # ------------------------------------------------------------------------------------------
 # synthetic
 
