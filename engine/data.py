@@ -24,9 +24,11 @@ Every user-caused problem raises ``DataError`` with a one-line message naming th
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import io
 import itertools
+import json
 import os
 import pickle
 import re
@@ -87,6 +89,22 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits of SHA-256 over what was loaded: both splits' images and labels in
+        load order (after ``train_subset``) and the class names; not the path, the layout or
+        the file format. The same images in another folder, archive or as pickles give the same
+        fingerprint; one changed pixel, label, class name or order gives another (order
+        matters: it decides which images a seed's batches draw). Computed on each access, about
+        0.1 s for CIFAR-10's 180 MB."""
+        h = hashlib.sha256(b"microbatch data v1")
+        for split in (self.train, self.test):
+            h.update(repr(tuple(split.images.shape)).encode())
+            h.update(split.images.contiguous().cpu().numpy().data)
+            h.update(split.labels.cpu().numpy().astype("<i8").data)
+        h.update(json.dumps(list(self.classes)).encode())
+        return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------

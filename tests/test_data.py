@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import shutil
 import struct
 import tarfile
 import time
@@ -320,6 +321,66 @@ def test_train_subset_too_large(cifar10_pickled):
     d = cifar10_pickled[0]
     with pytest.raises(DataError, match="data.train_subset=21"):
         load_dataset("cifar10", str(d), train_subset=21)
+
+
+# ------------------------------------------------------------------------------------------
+# fingerprint
+
+
+def write_pickles(d: Path, train, trl, test, tel, classes=CIFAR10_CLASSES) -> Path:
+    """train/test as torchvision's pickled layout in d, train spread over the five batches."""
+    d.mkdir(parents=True)
+    bounds = np.linspace(0, len(trl), 6).astype(int)
+    for b in range(5):
+        lo, hi = bounds[b], bounds[b + 1]
+        write_pickle(d / f"data_batch_{b + 1}",
+                     {b"data": train[lo:hi].reshape(hi - lo, -1).numpy(), b"labels": trl[lo:hi].tolist()})
+    write_pickle(d / "test_batch", {b"data": test.reshape(len(tel), -1).numpy(), b"labels": tel.tolist()})
+    write_pickle(d / "batches.meta", {b"label_names": [c.encode() for c in classes]})
+    return d
+
+
+def test_fingerprint_follows_the_data_not_its_path_or_layout(image_folder, tmp_path):
+    root, tr, trl, te, tel = image_folder  # PNGs: lossless, so pickles can hold the same pixels
+    cache = str(tmp_path / "cache")
+    pickles = write_pickles(tmp_path / "p" / "cifar-10-batches-py", tr, trl, te, tel)
+    sources = [root, shutil.copytree(root, tmp_path / "elsewhere" / "copy"),
+               make_tar(root, tmp_path / "x.tar.gz", "imgs"), pickles, pickles.parent,
+               make_tar(pickles, tmp_path / "p.tgz", "cifar-10-batches-py")]
+    prints = {str(src): load_dataset("cifar10", str(src), cache_dir=cache).fingerprint for src in sources}
+    assert len(set(prints.values())) == 1, prints
+    (fp,) = set(prints.values())
+    assert len(fp) == 16 and int(fp, 16) >= 0
+
+
+def test_fingerprint_changes_with_any_image_label_class_or_order(image_folder, tmp_path):
+    root, tr, trl, te, tel = image_folder
+    base = load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    fp = base.fingerprint
+    pixel = tr.clone()
+    pixel[7, 1, 5, 5] ^= 1
+    label = trl.clone()
+    label[3] = (label[3] + 1) % 10
+    order = torch.arange(len(trl)).roll(1)
+    variants = {
+        "a pixel": (pixel, trl, te, tel, CIFAR10_CLASSES),
+        "a label": (tr, label, te, tel, CIFAR10_CLASSES),
+        "a test image": (tr, trl, te.flip(0), tel, CIFAR10_CLASSES),
+        "a class name": (tr, trl, te, tel, CIFAR10_CLASSES[:-1] + ["lorry"]),
+        "the order": (tr[order], trl[order], te, tel, CIFAR10_CLASSES),
+    }
+    seen = {fp}
+    for what, data in variants.items():
+        d = write_pickles(tmp_path / what.replace(" ", "_") / "cifar-10-batches-py", *data)
+        other = load_dataset("cifar10", str(d)).fingerprint
+        assert other not in seen, what
+        seen.add(other)
+    # train_subset changes the data loaded, and with it the fingerprint
+    subset = load_dataset("cifar10", str(root), train_subset=25, cache_dir=str(tmp_path / "cache"))
+    assert subset.fingerprint not in seen
+    assert load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache")).fingerprint == fp
+    a, b = (load_dataset("synthetic", None, train_size=64, test_size=16, seed=s).fingerprint for s in (0, 1))
+    assert a != b and a == load_dataset("synthetic", None, train_size=64, test_size=16, seed=0).fingerprint
 
 
 # ------------------------------------------------------------------------------------------
@@ -639,8 +700,6 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, interrup
 @pytest.mark.parametrize("before", ["missing", "incomplete"])
 def test_a_download_is_moved_into_place_only_when_complete(cifar10_pickled, tmp_path, monkeypatch,
                                                            before):
-    import shutil
-
     import torchvision.datasets.cifar as tv_cifar
 
     d, train, trl, test, tel = cifar10_pickled
@@ -873,4 +932,8 @@ def test_real_cifar10_tar(tmp_path, monkeypatch):
     again = load_dataset("cifar10", str(REAL_TAR), cache_dir=str(tmp_path / "cache"))
     t_second = time.perf_counter() - t0
     assert torch.equal(again.train.images, ds.train.images)
-    print(f"realdata: first load {t_first:.1f}s, cached load {t_second:.1f}s")
+    t0 = time.perf_counter()
+    assert again.fingerprint == ds.fingerprint
+    t_fingerprint = (time.perf_counter() - t0) / 2
+    print(f"realdata: first load {t_first:.1f}s, cached load {t_second:.1f}s, "
+          f"fingerprint {ds.fingerprint} in {t_fingerprint:.2f}s")
