@@ -405,7 +405,8 @@ class _Refused(pickle.UnpicklingError):
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Reads dicts, lists, tuples, str/bytes, numbers and numpy arrays; nothing else."""
+    """The plain values pickle encodes itself (dicts, lists, tuples, str/bytes, numbers) and
+    numpy arrays: ``_PICKLE_GLOBALS`` are the only globals it hands out."""
 
     def find_class(self, module: str, name: str):
         found = _PICKLE_GLOBALS.get((module, name))
