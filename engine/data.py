@@ -19,7 +19,10 @@ Sources (``load_dataset``)
   official archive when ``download=True`` and nothing usable is at the root.
 * ``synthetic``: deterministic, learnable 10-class toy data generated from ``seed`` (no files).
 
-Every user-caused problem raises ``DataError`` with a one-line message naming the config key.
+Files are untrusted input: pickles go through a restricted unpickler (no global but numpy's
+array pieces), an image's size is read from its header before it is decoded, and a download is
+staged and leaves nothing behind when it fails.  Every user-caused problem raises ``DataError``
+with a one-line message naming the config key.
 """
 
 from __future__ import annotations
