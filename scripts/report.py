@@ -8,9 +8,10 @@ RUNS are run directories or any folder above them (a sweep's `multirun/<name>/`)
 summary.json below them is one finished run; or the summary.csv of an earlier report, whose
 rows join the new ones (a study extended later, its first runs' folders long gone). Runs that
 have started but hold no summary.json (still going, or interrupted) are listed on stderr and
-left out; so is, with one line each, a summary.json that is damaged, lacks a field a row needs or
-holds another type (a string where a number belongs). `--wandb` reads the same fields from a wandb project (the tracker logs the run's
-identity as config and the summary at finish), so everything after loading is one code path.
+left out; so is, with one line each, a summary.json that is damaged, lacks a field a row needs
+or holds another type (a string where a number belongs). `--wandb` reads the same fields from a
+wandb project (the tracker logs the run's identity as config and the summary at finish), so
+everything after loading is one code path.
 
 Writes to DIR:
   summary.csv         one row per run (COLUMNS below), sorted by model, depth, norm, b, seed

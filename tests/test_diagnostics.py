@@ -358,5 +358,6 @@ def test_train_then_diagnose_offline_as_the_readme_says(tmp_path):
                           "trainer.num_threads=1", "hydra.run.dir=diag"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "data.root=data not found: measuring on synthetic data instead" in res.stdout + res.stderr
+    log = res.stdout + res.stderr
+    assert "data.root=data not found: measuring on synthetic data instead" in log
     assert (tmp_path / "diag" / "summary.csv").exists()

@@ -173,7 +173,8 @@ def test_records_that_lack_a_field_or_hold_another_type_are_skipped(sweep, tmp_p
     assert skipped == [f"report: skipping {path}: {reason}" for path, reason in expected.items()]
     rows = read_csv(tmp_path / "out" / "summary.csv")
     assert {r["run_dir"] for r in rows} == set(summaries)  # every good run, none of the bad
-    assert (tmp_path / "out" / "table.md").read_text() == RESNET20_TABLE + "\n\n" + VGG16_TABLE + "\n"
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table == RESNET20_TABLE + "\n\n" + VGG16_TABLE + "\n"
 
 
 def test_table_cells_mean_std_missing_and_diverged(sweep, tmp_path, capsys):
@@ -261,8 +262,9 @@ def test_a_mistyped_wandb_run_is_skipped(sweep, tmp_path, monkeypatch, capsys):
     fake_api(monkeypatch, runs)
     assert report.main(["--wandb", "me/p", "--out", str(tmp_path / "wb")]) == 0
     err = capsys.readouterr().err.splitlines()
-    assert err[:2] == [f"report: skipping wandb run {runs[0].name}: depth='20' is str; expected an integer",
-                       f"report: skipping wandb run {runs[1].name}: test_acc='NaN' is str; expected a number"]
+    assert err[:2] == [
+        f"report: skipping wandb run {runs[0].name}: depth='20' is str; expected an integer",
+        f"report: skipping wandb run {runs[1].name}: test_acc='NaN' is str; expected a number"]
     assert len(read_csv(tmp_path / "wb" / "summary.csv")) == len(runs) - 2
 
 
