@@ -362,11 +362,15 @@ def _fetch(spec: _Spec, into: Path, root_str: str) -> None:
 
 
 def _move_into_place(src: Path, dest: Path) -> None:
-    """One rename of the complete folder; into an existing (incomplete) one, one per file."""
+    """One rename of the complete folder; into an existing one (incomplete, or just put there by
+    another process of the same job), one rename per file."""
     try:
-        if not dest.exists():
+        try:
             os.replace(src, dest)
             return
+        except OSError:
+            if not dest.is_dir():
+                raise
         for f in src.iterdir():
             os.replace(f, dest / f.name)
     except OSError as e:
