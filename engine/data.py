@@ -394,13 +394,14 @@ def _frombuffer(buf, dtype, shape, order):
     return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
 
 
-# The only globals a CIFAR pickle may name: the pieces of a numpy array, under the module names
-# of numpy 1.x (the official files: numpy.core.multiarray) and 2.x (numpy._core), and numpy's
-# protocol-5 form. Everything else (os.system, builtins.eval, ...) is refused before it is
-# looked up, so no code a pickle names ever runs.
+# The only globals a CIFAR pickle may name: the pieces of a numpy array, and of a numpy scalar
+# (labels written as a list of numpy ints), under the module names of numpy 1.x (the official
+# files: numpy.core.multiarray) and 2.x (numpy._core), and numpy's protocol-5 form. Everything
+# else (os.system, builtins.eval, ...) is refused before it is looked up, so no code a pickle
+# names ever runs.
 _PICKLE_GLOBALS = {
-    **{(f"numpy.{core}.multiarray", "_reconstruct"): _numpy_core("multiarray")._reconstruct
-       for core in ("core", "_core")},
+    **{(f"numpy.{core}.multiarray", name): getattr(_numpy_core("multiarray"), name)
+       for core in ("core", "_core") for name in ("_reconstruct", "scalar")},
     **{(f"numpy.{core}.numeric", "_frombuffer"): _frombuffer for core in ("core", "_core")},
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
@@ -413,7 +414,7 @@ class _Refused(pickle.UnpicklingError):
 
 class _CifarUnpickler(pickle.Unpickler):
     """The plain values pickle encodes itself (dicts, lists, tuples, str/bytes, numbers) and
-    numpy arrays: ``_PICKLE_GLOBALS`` are the only globals it hands out."""
+    numpy arrays and scalars: ``_PICKLE_GLOBALS`` are the only globals it hands out."""
 
     def find_class(self, module: str, name: str):
         found = _PICKLE_GLOBALS.get((module, name))
