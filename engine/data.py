@@ -1,20 +1,9 @@
-"""Data sets and in-memory batching for micro-batch CIFAR training.
+"""Data sets for micro-batch CIFAR training: what is loaded, and from where.
 
-Design
-------
-The whole data set (CIFAR-10/100: 60k images of 3x32x32 bytes, ~180 MB) is held as one uint8
-tensor and uploaded to the training device once.  Training batches are then produced with a
-handful of batched tensor ops on that device (gather rows, random crop via index arithmetic,
-flip via index reversal, float conversion, normalisation).  There is no DataLoader: at 1-2 images
-per device per step, a DataLoader's per-sample Python work (``__getitem__``, PIL transforms,
-collation, pinning, worker IPC) costs far more than the forward/backward pass itself and would
-dominate the measurements this project is about.
-
-Determinism across device counts: every epoch's permutation and *all* augmentation parameters
-(crop offsets, flips) are drawn for the GLOBAL batch on the CPU from a generator seeded by
-``(seed, epoch)``.  A rank only gathers and augments its own rows ``[start:stop)`` of each global
-batch, so the rows it sees are bit-identical to the same rows of the undivided batch: the same run
-on 1, 2 or 8 devices consumes exactly the same images with the same augmentation.
+The data lives in three rooms: this module reads the sources into memory (``load_dataset``),
+``engine/datacache.py`` keeps decoded image folders and archives, and ``engine/batches.py``
+serves batches from memory on the training device.  Every public name of the three is importable
+from here (``from engine.data import GlobalBatches``).
 
 Sources (``load_dataset``)
 --------------------------
@@ -30,24 +19,38 @@ Sources (``load_dataset``)
   official archive when ``download=True`` and nothing usable is at the root.
 * ``synthetic``: deterministic, learnable 10-class toy data generated from ``seed`` (no files).
 
-Every user-caused problem raises ``DataError`` with a one-line message naming the config key.
+Files are untrusted input: pickles go through a restricted unpickler (no global but numpy's
+array pieces), an image's size is read from its header before it is decoded, and a download is
+staged and leaves nothing behind when it fails.  Every user-caused problem raises ``DataError``
+with a one-line message naming the config key.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import io
+import itertools
+import json
 import os
 import pickle
+import re
+import struct
 import tarfile
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .batches import (GlobalBatches, augmentation_params, crop_flip, crop_flip_rows,
+                      eval_batches, normalize, shard_bounds)
+from .datacache import cached, default_cache_dir
+from .datatypes import IMAGE_SIZE, PAD, DataError, Split, is_image_name, mix_seed, one_line
 
 __all__ = [
     "DataError",
@@ -74,25 +77,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
-IMAGE_SIZE = 32
-PAD = 4  # RandomCrop(32, padding=4)
-IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 ARCHIVE_EXTS = (".tar.gz", ".tgz", ".tar")
-_CACHE_FORMAT = 1  # bump when the cached content/layout changes
-
-
-class DataError(ValueError):
-    """A user-caused data problem; str(e) is one clear line naming the config key (e.g.
-    data.root), the bad value and what is allowed/expected."""
-
-
-@dataclass
-class Split:
-    images: torch.Tensor  # uint8 [N, 3, 32, 32], contiguous
-    labels: torch.Tensor  # int64 [N]
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
 
 
 @dataclass
@@ -107,6 +92,22 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def fingerprint(self) -> str:
+        """16 hex digits of SHA-256 over what was loaded: both splits' images and labels in
+        load order (after ``train_subset``) and the class names; not the path, the layout or
+        the file format. The same images in another folder, archive or as pickles give the same
+        fingerprint; one changed pixel, label, class name or order gives another (order
+        matters: it decides which images a seed's batches draw). Computed on each access, about
+        0.1 s for CIFAR-10's 180 MB."""
+        h = hashlib.sha256(b"microbatch data v1")
+        for split in (self.train, self.test):
+            h.update(repr(tuple(split.images.shape)).encode())
+            h.update(split.images.contiguous().cpu().numpy().data)
+            h.update(split.labels.cpu().numpy().astype("<i8").data)
+        h.update(json.dumps(list(self.classes)).encode())
+        return h.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,16 +142,15 @@ _SPECS = {
 _NAMES = ("cifar10", "cifar100", "synthetic")
 
 
-def _one_line(text: object, limit: int = 200) -> str:
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: limit - 3] + "..."
+def _layouts(spec: _Spec) -> str:
+    return (
+        f"{spec.pickle_dir}/ (torchvision pickles), train/<class>/*.png|jpg + test/<class>/* "
+        f"(an image folder), or a .tar.gz/.tgz/.tar archive of either"
+    )
 
 
 def _expected(spec: _Spec) -> str:
-    return (
-        f"expected {spec.pickle_dir}/ (torchvision pickles) or train/<class>/*.png|jpg + "
-        f"test/<class>/* image folders, or a .tar.gz/.tgz/.tar archive of those"
-    )
+    return f"expected {_layouts(spec)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,12 +223,6 @@ def subset_indices(labels: torch.Tensor, n: int, num_classes: int | None = None)
 # CIFAR from disk
 
 
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/microbatch`` or ``~/.cache/microbatch``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "microbatch"
-
-
 def _load_cifar(name: str, root, download: bool, cache_dir) -> Dataset:
     spec = _SPECS[name]
     if (root is None or str(root).strip() == "") and download:
@@ -248,17 +242,11 @@ def _load_cifar(name: str, root, download: bool, cache_dir) -> Dataset:
             raise DataError(
                 f"data.root={root_str} is a file but not a .tar.gz/.tgz/.tar archive; {_expected(spec)}"
             )
-        train, test, classes = _cached(name, path, cache_dir, lambda: _read_archive(spec, path, root_str))
+        train, test, classes = cached(name, path, cache_dir, lambda: _read_archive(spec, path, root_str))
     elif path.is_dir():
         kind = _detect_dir(spec, path)
         if kind is None and download:
-            _download(spec, path, root_str)
-            kind = _detect_dir(spec, path)
-            if kind is None:
-                raise DataError(
-                    f"data.download=true but no {spec.pretty} data appeared under data.root={root_str} "
-                    f"after downloading; {_expected(spec)}"
-                )
+            kind = "pickle", _download(spec, path, root_str)
         if kind is None:
             for d in (path / spec.pickle_dir, path):
                 names = spec.train_files + spec.test_files + (spec.meta_file,)
@@ -276,21 +264,14 @@ def _load_cifar(name: str, root, download: bool, cache_dir) -> Dataset:
         if layout == "pickle":
             train, test, classes = _read_pickled_dir(spec, where, root_str)
         else:
-            train, test, classes = _cached(
+            train, test, classes = cached(
                 name, where, cache_dir, lambda: _read_image_dir(spec, where, root_str)
             )
     elif path.exists():
         raise DataError(f"data.root={root_str} is neither a directory nor an archive file; {_expected(spec)}")
     else:
         if download:
-            _download(spec, path, root_str)
-            kind = _detect_dir(spec, path)
-            if kind is None or kind[0] != "pickle":
-                raise DataError(
-                    f"data.download=true but no {spec.pretty} data appeared under data.root={root_str} "
-                    f"after downloading; {_expected(spec)}"
-                )
-            train, test, classes = _read_pickled_dir(spec, kind[1], root_str)
+            train, test, classes = _read_pickled_dir(spec, _download(spec, path, root_str), root_str)
         else:
             raise DataError(
                 f"data.root={root_str} does not exist; {_expected(spec)}, or set data.download=true"
@@ -308,7 +289,7 @@ def _listing(path: Path, limit: int = 6) -> str:
     try:
         names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     except OSError as e:
-        return f"unreadable: {_one_line(e, 80)}"
+        return f"unreadable: {one_line(e, 80)}"
     if not names:
         return "it is empty"
     more = f", ... ({len(names)} entries)" if len(names) > limit else ""
@@ -329,29 +310,130 @@ def _detect_dir(spec: _Spec, path: Path) -> tuple[str, Path] | None:
     return None
 
 
-def _download(spec: _Spec, path: Path, root_str: str) -> None:
-    try:
-        import torchvision
+def _download(spec: _Spec, path: Path, root_str: str) -> Path:
+    """The official pickles, downloaded to ``path/<pickle_dir>``, which is returned.
 
-        cls = torchvision.datasets.CIFAR10 if spec.num_classes == 10 else torchvision.datasets.CIFAR100
-        path.mkdir(parents=True, exist_ok=True)
-        cls(str(path), train=False, download=True)
+    The archive is fetched (md5-checked by torchvision) and extracted into a temporary folder
+    inside ``path``, and the pickles are moved into place only once complete; the archive is
+    not kept.  On any failure, Ctrl-C included, everything this created goes again, the folders
+    of ``path`` that did not exist before included, so a failed download leaves nothing behind.
+    """
+    created = list(itertools.takewhile(lambda p: not p.exists(), [path, *path.parents]))
+    try:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            staging = tempfile.TemporaryDirectory(prefix=".download-", dir=path)
+        except OSError as e:
+            raise DataError(
+                f"data.download=true but data.root={root_str} cannot be created or written to "
+                f"({one_line(e, 120)})"
+            ) from None
+        with staging as tmp:
+            _fetch(spec, Path(tmp), root_str)
+            _move_into_place(Path(tmp) / spec.pickle_dir, path / spec.pickle_dir)
+    except BaseException:
+        for d in created:  # innermost first; rmdir leaves a folder someone else has filled
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    return path / spec.pickle_dir
+
+
+def _fetch(spec: _Spec, into: Path, root_str: str) -> None:
+    """torchvision's download of the official archive, extracted into ``into``."""
+    try:
+        import torchvision.datasets.cifar as tv_cifar
+
+        cls = tv_cifar.CIFAR10 if spec.num_classes == 10 else tv_cifar.CIFAR100
+        tv_cifar.download_and_extract_archive(cls.url, str(into), filename=cls.filename, md5=cls.tgz_md5)
     except Exception as e:  # URLError, RuntimeError (md5), OSError, ...
         raise DataError(
             f"data.download=true but downloading {spec.pretty} to {root_str} failed "
-            f"({type(e).__name__}: {_one_line(e, 120)}); no network? Put the data under data.root "
-            f"(pickled or image-folder layout)"
+            f"({type(e).__name__}: {one_line(e, 120)}); no network? Nothing was left behind. Set "
+            f"data.root to a copy of {spec.pretty} on disk: {_layouts(spec)}"
         ) from None
+    if not _is_pickle_dir(spec, into / spec.pickle_dir):
+        raise DataError(
+            f"data.download=true but the downloaded {spec.pretty} archive holds no complete "
+            f"{spec.pickle_dir}/; nothing was left behind under data.root={root_str}"
+        )
+
+
+def _move_into_place(src: Path, dest: Path) -> None:
+    """One rename of the complete folder; into an existing one (incomplete, or just put there by
+    another process of the same job), one rename per file."""
+    try:
+        try:
+            os.replace(src, dest)
+            return
+        except OSError:
+            if not dest.is_dir():
+                raise
+        for f in src.iterdir():
+            os.replace(f, dest / f.name)
+    except OSError as e:
+        raise DataError(f"data.download=true but the downloaded pickles cannot be moved to {dest} "
+                        f"({one_line(e, 120)})") from None
 
 
 # ---- pickled layout
 
 
+def _numpy_core(module: str):
+    try:
+        return importlib.import_module(f"numpy._core.{module}")
+    except ImportError:  # numpy 1.x
+        return importlib.import_module(f"numpy.core.{module}")
+
+
+def _frombuffer(buf, dtype, shape, order):
+    """numpy's own reader of protocol-5 array pickles, redone here: the unpickler hands out this
+    copy, so a crafted pickle that sets attributes on it changes nothing of numpy's."""
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order)
+
+
+# The only globals a CIFAR pickle may name: the pieces of a numpy array, and of a numpy scalar
+# (labels written as a list of numpy ints), under the module names of numpy 1.x (the official
+# files: numpy.core.multiarray) and 2.x (numpy._core), and numpy's protocol-5 form. Everything
+# else (os.system, builtins.eval, ...) is refused before it is looked up, so no code a pickle
+# names ever runs.
+_PICKLE_GLOBALS = {
+    **{(f"numpy.{core}.multiarray", name): getattr(_numpy_core("multiarray"), name)
+       for core in ("core", "_core") for name in ("_reconstruct", "scalar")},
+    **{(f"numpy.{core}.numeric", "_frombuffer"): _frombuffer for core in ("core", "_core")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """The plain values pickle encodes itself (dicts, lists, tuples, str/bytes, numbers) and
+    numpy arrays and scalars: ``_PICKLE_GLOBALS`` are the only globals it hands out."""
+
+    def find_class(self, module: str, name: str):
+        found = _PICKLE_GLOBALS.get((module, name))
+        if found is None:
+            raise _Refused(f"{module}.{name}")
+        return found
+
+
 def _unpickle(blob: bytes, where: str) -> dict:
     try:
-        obj = pickle.loads(blob, encoding="bytes")
+        obj = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except _Refused as e:
+        raise DataError(
+            f"data.root: pickle {where} names {one_line(e, 80)}, which CIFAR pickles never hold; "
+            "refused without running it (only dicts, lists, strings, numbers and numpy arrays "
+            "are read)"
+        ) from None
     except Exception as e:
-        raise DataError(f"data.root: cannot read pickle {where} ({_one_line(e, 100)})") from None
+        raise DataError(f"data.root: cannot read pickle {where} ({one_line(e, 100)})") from None
     if not isinstance(obj, dict):
         raise DataError(f"data.root: pickle {where} does not hold a dict as torchvision's CIFAR files do")
     return obj
@@ -406,7 +488,7 @@ def _read_pickled_dir(spec: _Spec, d: Path, root_str: str):
         try:
             return str(p), p.read_bytes()
         except OSError as e:
-            raise DataError(f"data.root={root_str}: cannot read {p} ({_one_line(e, 100)})") from None
+            raise DataError(f"data.root={root_str}: cannot read {p} ({one_line(e, 100)})") from None
 
     return _read_pickled(spec, read)
 
@@ -414,11 +496,61 @@ def _read_pickled_dir(spec: _Spec, d: Path, root_str: str):
 # ---- image-folder layout
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# JPEG frame headers (SOF0-SOF15) hold the size; C4, C8 and CC share the range but are not frames.
+_JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the first frame header, walking the segments before the scan."""
+    i = 2  # after SOI
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # segments without a length
+            i += 2
+        elif marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before
+            return None
+        elif marker in _JPEG_FRAMES:
+            if i + 9 > len(data):
+                return None
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _image_size(data: bytes, where: str) -> tuple[int, int]:
+    """(width, height) from a PNG's or a JPEG's header, read before decoding: a 16000x16000
+    image is refused without allocating its 768 MB of pixels."""
+    if data[:8] == _PNG_SIGNATURE:
+        size = tuple(struct.unpack(">II", data[16:24])) if data[12:16] == b"IHDR" else None
+    elif data[:2] == b"\xff\xd8":
+        size = _jpeg_size(data)
+    else:
+        raise DataError(
+            f"data.root: image {where} is not a PNG or JPEG file (it starts with {data[:8]!r}); "
+            "expected 32x32 RGB PNG or JPEG (CIFAR images)"
+        )
+    if size is None:
+        raise DataError(f"data.root: image {where} has no readable size in its header (a truncated file?)")
+    return size
+
+
+def _decode_error(e: Exception) -> str:
+    """The decoder's reason, without torchvision's 'function, /path/to/source.cpp:123, ' prefix."""
+    return one_line(re.sub(r"^[\w()]+, \S+:\d+, ", "", str(e)), 160)
+
+
 def _decode_image(data: bytes, where: str) -> torch.Tensor:
     """Decode one JPEG/PNG to uint8 [3, 32, 32] RGB; DataError naming ``where`` otherwise.
 
     Uses torchvision.io (about 3x faster than PIL for tiny JPEGs; its deprecation warning is
     silenced by the caller), falling back to PIL where torchvision.io has no decoder."""
+    width, height = _image_size(data, where)
+    if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DataError(f"data.root: image {where} is {width}x{height}; expected 32x32 RGB (CIFAR images)")
     try:
         try:
             from torchvision.io import ImageReadMode, decode_image
@@ -427,14 +559,12 @@ def _decode_image(data: bytes, where: str) -> torch.Tensor:
         if decode_image is not None:
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         else:
-            import io
-
             from PIL import Image
 
             with Image.open(io.BytesIO(data)) as im:
                 img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
     except Exception as e:
-        raise DataError(f"data.root: cannot decode image {where} ({_one_line(e, 100)})") from None
+        raise DataError(f"data.root: cannot decode image {where} ({_decode_error(e)})") from None
     if tuple(img.shape) != (3, IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(
             f"data.root: image {where} is {img.shape[-1]}x{img.shape[-2]}; expected 32x32 RGB "
@@ -485,10 +615,6 @@ def _decode_tree_inner(tree, classes, get_bytes) -> tuple[Split, Split]:
     return out[0], out[1]
 
 
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTS) and not name.startswith(".")
-
-
 def _scan_image_dir(d: Path) -> dict[str, dict[str, list[Path]]]:
     tree: dict[str, dict[str, list[Path]]] = {}
     for split in ("train", "test"):
@@ -496,7 +622,7 @@ def _scan_image_dir(d: Path) -> dict[str, dict[str, list[Path]]]:
         for cdir in sorted((d / split).iterdir()):
             if cdir.is_dir() and not cdir.name.startswith(".") and cdir.name != "__MACOSX":
                 tree[split][cdir.name] = sorted(
-                    p for p in cdir.iterdir() if _is_image_name(p.name) and p.is_file()
+                    p for p in cdir.iterdir() if is_image_name(p.name) and p.is_file()
                 )
     return tree
 
@@ -509,7 +635,7 @@ def _read_image_dir(spec: _Spec, d: Path, root_str: str):
         try:
             return str(p), p.read_bytes()
         except OSError as e:
-            raise DataError(f"data.root={root_str}: cannot read {p} ({_one_line(e, 100)})") from None
+            raise DataError(f"data.root={root_str}: cannot read {p} ({one_line(e, 100)})") from None
 
     train, test = _decode_tree(tree, classes, get)
     return train, test, classes
@@ -537,7 +663,7 @@ def _read_archive(spec: _Spec, path: Path, root_str: str):
                     continue
                 if not m.isfile():
                     continue
-                if len(parts) >= 3 and parts[-3] in ("train", "test") and _is_image_name(parts[-1]):
+                if len(parts) >= 3 and parts[-3] in ("train", "test") and is_image_name(parts[-1]):
                     f = tf.extractfile(m)
                     blobs[m.name] = f.read() if f is not None else b""
                     images.setdefault(parts[:-3], {}).setdefault(parts[-3], {}).setdefault(
@@ -548,7 +674,7 @@ def _read_archive(spec: _Spec, path: Path, root_str: str):
                     blobs[m.name] = f.read() if f is not None else b""
                     pickled[parts[-1]] = m.name
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"data.root={root_str}: cannot read the archive ({_one_line(e, 120)})") from None
+        raise DataError(f"data.root={root_str}: cannot read the archive ({one_line(e, 120)})") from None
 
     candidates = {p: t for p, t in images.items() if any(t.get(s) for s in ("train", "test"))}
     if candidates:
@@ -578,78 +704,8 @@ def _read_archive(spec: _Spec, path: Path, root_str: str):
     )
 
 
-# ---- decoded-image cache
-
-
-def _source_fingerprint(name: str, source: Path) -> str:
-    h = hashlib.sha256()
-    h.update(f"v{_CACHE_FORMAT}|{name}|{source}".encode())
-    if source.is_file():
-        st = source.stat()
-        h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
-    else:
-        for split in ("train", "test"):
-            d = source / split
-            for cdir in sorted(d.iterdir()) if d.is_dir() else []:
-                if not cdir.is_dir():
-                    continue
-                for p in sorted(cdir.iterdir()):
-                    if _is_image_name(p.name):
-                        st = p.stat()
-                        h.update(f"|{split}/{cdir.name}/{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:24]
-
-
-def _cached(name: str, source: Path, cache_dir, build):
-    try:
-        key = _source_fingerprint(name, source)
-    except OSError:
-        return build()
-    cdir = Path(os.path.expanduser(str(cache_dir))) if cache_dir is not None else default_cache_dir()
-    cfile = cdir / f"{name}-{key}.pt"
-    if cfile.is_file():
-        try:
-            blob = torch.load(cfile, map_location="cpu", weights_only=True)
-            train = Split(blob["train_images"].contiguous(), blob["train_labels"].to(torch.int64))
-            test = Split(blob["test_images"].contiguous(), blob["test_labels"].to(torch.int64))
-            return train, test, [str(c) for c in blob["classes"]]
-        except Exception as e:
-            warnings.warn(f"ignoring unreadable data cache {cfile} ({_one_line(e, 100)}); rebuilding")
-    train, test, classes = build()
-    tmp = None
-    try:
-        cdir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cdir, prefix=f".{cfile.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(
-                {
-                    "format": _CACHE_FORMAT,
-                    "train_images": train.images,
-                    "train_labels": train.labels,
-                    "test_images": test.images,
-                    "test_labels": test.labels,
-                    "classes": list(classes),
-                },
-                f,
-            )
-        os.replace(tmp, cfile)
-        tmp = None
-    except OSError as e:
-        warnings.warn(f"could not write data cache {cfile} ({_one_line(e, 100)}); continuing without it")
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return train, test, classes
-
-
 # --------------------------------------------------------------------------------------------
 # Synthetic data
-
-
-def _mix_seed(*parts) -> int:
-    """Deterministic (Python-version independent) 63-bit seed from a tuple of ints/strings."""
-    digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 def _synthetic(train_size: int, test_size: int, seed: int, num_classes: int = 10) -> Dataset:
@@ -663,13 +719,13 @@ def _synthetic(train_size: int, test_size: int, seed: int, num_classes: int = 10
     for key, val in (("data.train_size", train_size), ("data.test_size", test_size)):
         if int(val) <= 0:
             raise DataError(f"{key}={val} must be > 0 for data.name=synthetic (empty split)")
-    g = torch.Generator().manual_seed(_mix_seed("synthetic-templates", int(seed)))
+    g = torch.Generator().manual_seed(mix_seed("synthetic-templates", int(seed)))
     grid = torch.rand((num_classes, 3, 4, 4), generator=g) * 0.8 + 0.1
     side = IMAGE_SIZE + 2 * PAD
     templates = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False).clamp(0, 1)
 
     def make(n: int, stream: str) -> Split:
-        gs = torch.Generator().manual_seed(_mix_seed("synthetic", stream, int(seed)))
+        gs = torch.Generator().manual_seed(mix_seed("synthetic", stream, int(seed)))
         labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gs)]
         other = (labels + torch.randint(1, num_classes, (n,), generator=gs)) % num_classes
         weight = torch.rand((n, 1, 1, 1), generator=gs) * 0.5
@@ -690,147 +746,3 @@ def _synthetic(train_size: int, test_size: int, seed: int, num_classes: int = 10
     mean = tuple(float(v) for v in px.mean(1))
     std = tuple(float(v) for v in px.std(1, unbiased=False))
     return Dataset("synthetic", train, test, [f"class{i}" for i in range(num_classes)], mean, std)
-
-
-# --------------------------------------------------------------------------------------------
-# Batching
-
-
-def _as_stats(v, device) -> torch.Tensor:
-    return torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-
-
-def normalize(x_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 [B,3,H,W] -> float32 ``(x/255 - mean) / std`` (mean/std shaped [1,3,1,1])."""
-    return x_uint8.to(torch.float32).div_(255.0).sub_(mean).div_(std)
-
-
-def augmentation_params(seed: int, epoch: int, n: int, global_batch: int):
-    """The epoch's draws for the whole global batch, on the CPU.
-
-    Returns ``(index, dy, dx, flip)``, each shaped ``[steps, global_batch]`` with
-    ``steps = n // global_batch``: image indices (a permutation prefix), crop offsets in
-    ``0..2*PAD`` into the zero-padded 40x40 image, and horizontal-flip flags.  Drawn in this order
-    from ``torch.Generator().manual_seed(mix(seed, epoch))``.
-    """
-    steps = n // global_batch
-    g = torch.Generator().manual_seed(_mix_seed("epoch", int(seed), int(epoch)))
-    perm = torch.randperm(n, generator=g)[: steps * global_batch].view(steps, global_batch)
-    dy = torch.randint(0, 2 * PAD + 1, (steps, global_batch), generator=g)
-    dx = torch.randint(0, 2 * PAD + 1, (steps, global_batch), generator=g)
-    flip = torch.randint(0, 2, (steps, global_batch), generator=g).bool()
-    return perm, dy, dx, flip
-
-
-def crop_flip(
-    x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, pad: int = PAD,
-    size: int = IMAGE_SIZE,
-) -> torch.Tensor:
-    """Batched ``RandomCrop(size, padding=pad)`` (zero fill) + optional horizontal flip.
-
-    Row i of the result is ``flip_i ? hflip(P_i[:, dy_i:dy_i+size, dx_i:dx_i+size]) : P_i[...]``
-    where ``P_i`` is ``x[i]`` zero-padded by ``pad`` on every side.  Works on any dtype/device;
-    dy/dx/flip must be on ``x``'s device.
-    """
-    if pad:
-        x = F.pad(x, (pad, pad, pad, pad))
-    return crop_flip_rows(x, torch.arange(len(x), device=x.device), dy, dx, flip, size)
-
-
-def crop_flip_rows(padded: torch.Tensor, rows: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
-                   flip: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Rows ``rows`` of the already padded ``padded``, cropped at (dy, dx) and flipped where
-    ``flip``: one gather of whole ``size``-pixel lines from a view of every window (3x faster
-    on the CPU than indexing pixel by pixel, and one kernel on a GPU), then the flips."""
-    windows = padded.unfold(2, size, 1).unfold(3, size, 1)  # [N, C, H-size+1, W-size+1, s, s]
-    x = windows[rows, :, dy, dx]  # [b, C, size, size]
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-
-
-class GlobalBatches:
-    """Training batches served from memory on `device` with batched augmentation (no DataLoader).
-    The epoch's order and augmentation are drawn for the GLOBAL batch from a generator seeded
-    by (seed, epoch), so any split of the global batch into devices sees the same images.
-
-    ``epoch(e, start, stop)`` yields, per step, float32 normalised images ``[stop-start,3,32,32]``
-    and int64 labels of rows ``[start:stop)`` of each global batch (DDP rank r of W: rows
-    ``[r*g//W, (r+1)*g//W)``).  ``augment=False`` keeps the shuffle but skips crop/flip.
-    """
-
-    def __init__(self, split: Split, global_batch: int, mean, std, device, augment: bool = True,
-                 seed: int = 0):
-        n = len(split)
-        if not 1 <= int(global_batch) <= n:
-            raise DataError(
-                f"global batch size {global_batch} must be between 1 and the number of training "
-                f"images ({n})"
-            )
-        self.device = torch.device(device)
-        images = split.images.to(self.device).contiguous()  # uploaded once
-        # Augmenting: zero-padded once (not every step), each step gathers its crops from it.
-        self.images = F.pad(images, (PAD,) * 4) if augment else images
-        self.labels = split.labels.to(self.device, torch.int64)
-        self.n = n
-        self.global_batch = int(global_batch)
-        self.mean = _as_stats(mean, self.device)
-        self.std = _as_stats(std, self.device)
-        self.augment = bool(augment)
-        self.seed = int(seed)
-
-    def __len__(self) -> int:
-        return self.n // self.global_batch
-
-    def epoch(self, epoch: int, start: int = 0, stop: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        stop = self.global_batch if stop is None else int(stop)
-        start = int(start)
-        if not 0 <= start < stop <= self.global_batch:
-            raise ValueError(f"need 0 <= start < stop <= global_batch={self.global_batch}, got [{start}:{stop})")
-        return self._iter(epoch, start, stop)
-
-    def _iter(self, epoch, start, stop):
-        perm, dy, dx, flip = augmentation_params(self.seed, epoch, self.n, self.global_batch)
-        dev = self.device
-        perm = perm[:, start:stop].to(dev, non_blocking=True)
-        dy = dy[:, start:stop].to(dev, non_blocking=True)
-        dx = dx[:, start:stop].to(dev, non_blocking=True)
-        flip = flip[:, start:stop].to(dev, non_blocking=True)
-        for s in range(perm.shape[0]):
-            idx = perm[s]
-            if self.augment:
-                x = crop_flip_rows(self.images, idx, dy[s], dx[s], flip[s])
-            else:
-                x = self.images[idx]
-            yield normalize(x, self.mean, self.std), self.labels[idx]
-
-
-def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Contiguous shard ``[lo, hi)`` of ``n`` items for ``rank`` of ``world_size``: the first
-    ``n % W`` ranks get one item more, so shards differ by at most one, later ranks may be shorter
-    (n=10, W=3 -> 4, 3, 3) and together they cover every index exactly once (no padding, no
-    duplicates)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    q, rem = divmod(n, world_size)
-    lo = rank * q + min(rank, rem)
-    return lo, lo + q + (1 if rank < rem else 0)
-
-
-def eval_batches(split: Split, batch_size: int, mean, std, device, rank: int = 0,
-                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's contiguous shard of ``split`` exactly once, in order, no augmentation; the last
-    batch may be short and a rank's shard may be empty when ``world_size > len(split)``
-    (reduce metrics as sums over ranks, not means of means)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    lo, hi = shard_bounds(len(split), rank, world_size)
-    return _eval_iter(split, batch_size, mean, std, torch.device(device), lo, hi)
-
-
-def _eval_iter(split, batch_size, mean, std, device, lo, hi):
-    if hi <= lo:
-        return
-    m, s = _as_stats(mean, device), _as_stats(std, device)
-    images = split.images[lo:hi].to(device)
-    labels = split.labels[lo:hi].to(device, torch.int64)
-    for i in range(0, hi - lo, batch_size):
-        yield normalize(images[i : i + batch_size], m, s), labels[i : i + batch_size]

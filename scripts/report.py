@@ -8,8 +8,10 @@ RUNS are run directories or any folder above them (a sweep's `multirun/<name>/`)
 summary.json below them is one finished run; or the summary.csv of an earlier report, whose
 rows join the new ones (a study extended later, its first runs' folders long gone). Runs that
 have started but hold no summary.json (still going, or interrupted) are listed on stderr and
-left out. `--wandb` reads the same fields from a wandb project (the tracker logs the run's
-identity as config and the summary at finish), so everything after loading is one code path.
+left out; so is, with one line each, a summary.json that is damaged, lacks a field a row needs
+or holds another type (a string where a number belongs). `--wandb` reads the same fields from a
+wandb project (the tracker logs the run's identity as config and the summary at finish), so
+everything after loading is one code path.
 
 Writes to DIR:
   summary.csv         one row per run (COLUMNS below), sorted by model, depth, norm, b, seed
@@ -59,6 +61,18 @@ INT_COLUMNS = ("depth", "batch_size_per_device", "devices", "virtual_devices", "
                "global_batch", "epochs", "seed", "epochs_completed")
 FLOAT_COLUMNS = ("test_acc", "best_test_acc", "test_error", "test_loss", "train_loss",
                  "images_per_sec", "wall_time_s")
+# What each field of a run's record must hold. A finished run whose record lacks a REQUIRED
+# field (the ones every row is sorted, grouped and labelled by) or test_acc (null when no epoch
+# finished), or holds another type anywhere, is skipped with one line; the rest are reported.
+INT, NUMBER, TEXT, FLAG = "an integer", "a number", "a string", "true or false"
+FIELD_TYPES = {"model": TEXT, "depth": INT, "norm": TEXT, "ws": FLAG, "norm_label": TEXT,
+               "batch_size_per_device": INT, "devices": INT, "virtual_devices": INT,
+               "accumulate": INT, "global_batch": INT, "epochs": INT, "seed": INT, "data": TEXT,
+               "name": TEXT, "status": TEXT, "epochs_completed": INT, "test_acc": NUMBER,
+               "best_test_acc": NUMBER, "test_loss": NUMBER, "train_loss": NUMBER,
+               "images_per_sec": NUMBER, "wall_time_s": NUMBER, "code": TEXT}
+REQUIRED = ("model", "depth", "norm", "ws", "norm_label", "batch_size_per_device", "seed",
+            "status")
 MODEL_NAMES = {"resnet": "ResNet", "vgg": "VGG"}
 MISSING = "—"
 
@@ -79,6 +93,35 @@ def make_row(record: dict, identity: dict, run_dir: str) -> dict:
     row["overrides"] = " ".join(record.get("overrides") or ())
     row["run_dir"] = run_dir
     return row
+
+
+def is_a(value, kind: str) -> bool:
+    if kind == FLAG:
+        return isinstance(value, bool)
+    python_type = {INT: int, NUMBER: (int, float), TEXT: str}[kind]
+    return isinstance(value, python_type) and not isinstance(value, bool)  # True is an int too
+
+
+def record_problem(record: dict, identity: dict) -> str | None:
+    """Why a finished run's record cannot be a row (a field missing or of another type), or
+    None when it can."""
+    for key in (*REQUIRED, "test_acc"):
+        if key not in record or (record[key] is None and key != "test_acc"):
+            return f"lacks the field {key!r}"
+    for key, kind in FIELD_TYPES.items():
+        value = record.get(key)
+        if value is not None and not is_a(value, kind):
+            return f"{key}={value!r:.40} is {type(value).__name__}; expected {kind}"
+    overrides = record.get("overrides")
+    if overrides is not None and not (isinstance(overrides, list)
+                                      and all(isinstance(o, str) for o in overrides)):
+        return f"overrides={overrides!r:.40} is not a list of strings"
+    if not isinstance(identity, dict):
+        return f"identity={identity!r:.40} is not a mapping"
+    sync = identity.get("norm.sync_stats", True)
+    if not isinstance(sync, bool):
+        return f"identity norm.sync_stats={sync!r:.40} is {type(sync).__name__}; expected {FLAG}"
+    return None
 
 
 def find_run_dirs(root: Path) -> list[Path]:
@@ -129,10 +172,16 @@ def load_local(paths) -> tuple[list[dict], list[str]]:
             except CheckpointError as e:  # a damaged summary.json: report the rest
                 print(f"report: skipping {e}", file=sys.stderr)
                 summary = None
-            if summary is None or summary.get("status") not in FINISHED:
+            status = None if summary is None else summary.get("status")
+            if summary is None or (isinstance(status, str) and status not in FINISHED):
                 skipped.append(str(run_dir))
                 continue
-            rows.append(make_row(summary, summary.get("identity", {}), str(run_dir)))
+            identity = summary.get("identity", {})
+            problem = record_problem(summary, identity)
+            if problem:
+                print(f"report: skipping {run_dir / 'summary.json'}: {problem}", file=sys.stderr)
+                continue
+            rows.append(make_row(summary, identity, str(run_dir)))
     return rows, skipped
 
 
@@ -150,6 +199,10 @@ def load_wandb(path: str, group: str | None) -> tuple[list[dict], list[str]]:
             record = {**config, **{key: run.summary.get(key) for key in SUMMARY_KEYS}}
             if record["status"] not in FINISHED:
                 skipped.append(f"{run.name} ({run.state})")
+                continue
+            problem = record_problem(record, config)
+            if problem:
+                print(f"report: skipping wandb run {run.name}: {problem}", file=sys.stderr)
                 continue
             rows.append(make_row(record, config, f"wandb:{path}/{run.name}"))
     except (wandb.errors.Error, OSError, ValueError) as e:

@@ -4,16 +4,21 @@ data, batched augmentation and evaluation sharding.  All data is generated in tm
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import shutil
+import struct
 import tarfile
 import time
+import zlib
 from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
 import pytest
 import torch
+import torchvision.io
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
@@ -210,6 +215,83 @@ def test_jpeg_folder_decodes_close(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------
+# pickles are untrusted input
+
+
+class Py2Pickler(pickle._Pickler):
+    """Pickles as the official CIFAR files were written (Python 2's cPickle, protocol 2): str and
+    bytes as Python 2 str (BINSTRING), numpy's _reconstruct under numpy 1.x's module name."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + len(data).to_bytes(4, "little") + data)
+        self.memoize(obj)
+
+    dispatch[str] = dispatch[bytes] = save_py2_str
+
+
+def py2_dumps(obj) -> bytes:
+    f = io.BytesIO()
+    Py2Pickler(f, protocol=2).dump(obj)
+    return f.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+@pytest.mark.parametrize("form", ["python2", 4, 5, "numpy labels"])
+def test_pickles_as_written_by_python2_and_by_numpy2_load(cifar10_pickled, tmp_path, form):
+    d, train, trl, test, tel = cifar10_pickled
+    protocol = 4 if form == "numpy labels" else form
+    for f in d.iterdir():  # rewrite every file in this form
+        obj = pickle.loads(f.read_bytes())
+        if form == "numpy labels" and b"labels" in obj:  # numpy ints, as converters write them
+            obj[b"labels"] = list(np.asarray(obj[b"labels"]))
+        f.write_bytes(py2_dumps(obj) if form == "python2" else pickle.dumps(obj, protocol=protocol))
+    if form == "python2":
+        assert b"cnumpy.core.multiarray\n_reconstruct" in (d / "test_batch").read_bytes()
+    if form == "numpy labels":
+        assert b"scalar" in (d / "test_batch").read_bytes()
+    ds = load_dataset("cifar10", str(d), cache_dir=str(tmp_path / "cache"))
+    assert ds.classes == CIFAR10_CLASSES
+    assert_split(ds.train, train, trl)
+    assert_split(ds.test, test, tel)
+
+
+class CreatesFile:
+    """What an attacker puts in a pickle: unpickling it calls open(path, "w")."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+@pytest.mark.parametrize("member", ["batches.meta", "data_batch_1"])
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_a_pickle_that_would_run_code_is_refused_before_it_runs(cifar10_pickled, tmp_path, member,
+                                                                as_archive):
+    d = cifar10_pickled[0]
+    marker = tmp_path / "pwned"
+    crafted = {b"label_names": CreatesFile(marker)} if member == "batches.meta" else \
+        {b"data": CreatesFile(marker), b"labels": [0] * 4}
+    blob = pickle.dumps(crafted)
+    pickle.loads(blob)  # the exploit is real: plain pickle creates the file
+    assert marker.exists()
+    marker.unlink()
+    (d / member).write_bytes(blob)
+    root = make_tar(d, tmp_path / "c10.tar.gz", "cifar-10-batches-py") if as_archive else d
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    where = f"{root}:cifar-10-batches-py/{member}" if as_archive else str(d / member)
+    _one_line_error(e, f"pickle {where} names {open.__module__}.open,", "refused")
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------
 # train_subset
 
 
@@ -244,6 +326,67 @@ def test_train_subset_too_large(cifar10_pickled):
     d = cifar10_pickled[0]
     with pytest.raises(DataError, match="data.train_subset=21"):
         load_dataset("cifar10", str(d), train_subset=21)
+
+
+# ------------------------------------------------------------------------------------------
+# fingerprint
+
+
+def write_pickles(d: Path, train, trl, test, tel, classes=CIFAR10_CLASSES) -> Path:
+    """train/test as torchvision's pickled layout in d, train spread over the five batches."""
+    d.mkdir(parents=True)
+    bounds = np.linspace(0, len(trl), 6).astype(int)
+    for b in range(5):
+        lo, hi = bounds[b], bounds[b + 1]
+        batch = {b"data": train[lo:hi].reshape(hi - lo, -1).numpy(), b"labels": trl[lo:hi].tolist()}
+        write_pickle(d / f"data_batch_{b + 1}", batch)
+    write_pickle(d / "test_batch", {b"data": test.reshape(len(tel), -1).numpy(), b"labels": tel.tolist()})
+    write_pickle(d / "batches.meta", {b"label_names": [c.encode() for c in classes]})
+    return d
+
+
+def test_fingerprint_follows_the_data_not_its_path_or_layout(image_folder, tmp_path):
+    root, tr, trl, te, tel = image_folder  # PNGs: lossless, so pickles can hold the same pixels
+    cache = str(tmp_path / "cache")
+    pickles = write_pickles(tmp_path / "p" / "cifar-10-batches-py", tr, trl, te, tel)
+    sources = [root, shutil.copytree(root, tmp_path / "elsewhere" / "copy"),
+               make_tar(root, tmp_path / "x.tar.gz", "imgs"), pickles, pickles.parent,
+               make_tar(pickles, tmp_path / "p.tgz", "cifar-10-batches-py")]
+    prints = {str(src): load_dataset("cifar10", str(src), cache_dir=cache).fingerprint for src in sources}
+    assert len(set(prints.values())) == 1, prints
+    (fp,) = set(prints.values())
+    assert len(fp) == 16 and int(fp, 16) >= 0
+
+
+def test_fingerprint_changes_with_any_image_label_class_or_order(image_folder, tmp_path):
+    root, tr, trl, te, tel = image_folder
+    base = load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    fp = base.fingerprint
+    pixel = tr.clone()
+    pixel[7, 1, 5, 5] ^= 1
+    label = trl.clone()
+    label[3] = (label[3] + 1) % 10
+    order = torch.arange(len(trl)).roll(1)
+    variants = {
+        "a pixel": (pixel, trl, te, tel, CIFAR10_CLASSES),
+        "a label": (tr, label, te, tel, CIFAR10_CLASSES),
+        "a test image": (tr, trl, te.flip(0), tel, CIFAR10_CLASSES),
+        "a class name": (tr, trl, te, tel, CIFAR10_CLASSES[:-1] + ["lorry"]),
+        "the order": (tr[order], trl[order], te, tel, CIFAR10_CLASSES),
+    }
+    seen = {fp}
+    for what, data in variants.items():
+        d = write_pickles(tmp_path / what.replace(" ", "_") / "cifar-10-batches-py", *data)
+        other = load_dataset("cifar10", str(d)).fingerprint
+        assert other not in seen, what
+        seen.add(other)
+    # train_subset changes the data loaded, and with it the fingerprint
+    subset = load_dataset("cifar10", str(root), train_subset=25, cache_dir=str(tmp_path / "cache"))
+    assert subset.fingerprint not in seen
+    assert load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache")).fingerprint == fp
+    a, b, a2 = (load_dataset("synthetic", None, train_size=64, test_size=16, seed=s).fingerprint
+                for s in (0, 1, 0))
+    assert a != b and a == a2
 
 
 # ------------------------------------------------------------------------------------------
@@ -397,6 +540,82 @@ def test_error_corrupt_image(image_folder, tmp_path):
     _one_line_error(e, "data.root", str(bad))
 
 
+def png_bytes(width: int, height: int) -> bytes:
+    """A valid black 1-bit greyscale PNG: 16000x16000 is 32 KB on disk, 768 MB once decoded to
+    RGB."""
+    def chunk(kind, body):
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    rows = (b"\x00" + bytes((width + 7) // 8)) * height
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows, 1)) + chunk(b"IEND", b""))
+
+
+def jpeg_bytes(width: int, height: int) -> bytes:
+    f = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(f, "JPEG")
+    return f.getvalue()
+
+
+def test_png_maker_makes_pngs(monkeypatch):
+    with Image.open(io.BytesIO(png_bytes(40, 24))) as im:
+        im.load()
+        assert (im.size, im.mode, im.getextrema()) == ((40, 24), "1", (0, 0))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # PIL would refuse it as a bomb
+    with Image.open(io.BytesIO(png_bytes(16000, 16000))) as im:  # reads the header only
+        assert im.size == (16000, 16000)
+
+
+@pytest.mark.parametrize("kind,size", [("png", (16000, 16000)), ("jpg", (40, 24))])
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_an_oversized_image_is_refused_from_its_header_without_decoding(
+        image_folder, tmp_path, monkeypatch, kind, size, as_archive):
+    root = image_folder[0]
+    bad = root / "train" / "bird" / f"0001.{kind}"
+    (root / "train" / "bird" / "0001.png").unlink()
+    blob = png_bytes(*size) if kind == "png" else jpeg_bytes(*size)
+    bad.write_bytes(blob)
+    decode = torchvision.io.decode_image
+
+    def decode_all_but_the_bad_one(data, *args, **kwargs):
+        assert data.numpy().tobytes() != blob, "the oversized image was decoded"
+        return decode(data, *args, **kwargs)
+
+    monkeypatch.setattr(torchvision.io, "decode_image", decode_all_but_the_bad_one)
+    src = make_tar(root, tmp_path / "imgs.tar.gz", "imgs") if as_archive else root
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(src), cache_dir=str(tmp_path / "cache"))
+    where = f"{src}:imgs/train/bird/0001.{kind}" if as_archive else str(bad)
+    _one_line_error(e, f"image {where} is {size[0]}x{size[1]}; expected 32x32")
+
+
+@pytest.mark.parametrize("kind,reason", [
+    ("jpg", "Image is incomplete or truncated"),
+    ("png", "Out of bound read in decode_png. Probably, the input image is corrupted"),
+])
+def test_a_decode_error_keeps_its_reason(image_folder, tmp_path, kind, reason):
+    root = image_folder[0]
+    good = jpeg_bytes(32, 32) if kind == "jpg" else (root / "test" / "ship" / "0000.png").read_bytes()
+    bad = root / "test" / "ship" / f"0000.{kind}"
+    (root / "test" / "ship" / "0000.png").unlink()
+    bad.write_bytes(good[: len(good) // 2])  # the header is intact, the pixels are cut
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    _one_line_error(e, f"cannot decode image {bad} ({reason})")
+    assert ".cpp" not in str(e.value)
+
+
+def test_a_file_that_is_neither_png_nor_jpeg_is_refused(image_folder, tmp_path):
+    root = image_folder[0]
+    bad = root / "train" / "cat" / "0000.png"
+    f = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(f, "GIF")
+    bad.write_bytes(f.getvalue())
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    _one_line_error(e, f"image {bad} is not a PNG or JPEG file (it starts with b'GIF8")
+
+
 def test_error_wrong_class_count(tmp_path):
     root = tmp_path / "few"
     make_image_folder(root, 1, 1, classes=["a", "b", "c"])
@@ -449,6 +668,68 @@ def test_download_not_attempted_when_data_present(cifar10_pickled, monkeypatch):
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", lambda *a, **k: pytest.fail("downloaded"))
     ds = load_dataset("cifar10", str(cifar10_pickled[0].parent), download=True)
     assert len(ds.train) == 20
+
+
+def tree(path: Path) -> list[str]:
+    """Every file and folder below path, relative, sorted (hidden ones included)."""
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("interrupt", [URLError("[Errno 111] Connection refused"), KeyboardInterrupt()])
+@pytest.mark.parametrize("before", ["missing", "empty", "holds a file"])
+def test_a_failed_download_leaves_nothing_behind(tmp_path, monkeypatch, interrupt, before):
+    import torchvision.datasets.cifar as tv_cifar
+
+    def half_a_download(url, download_root, filename=None, md5=None):
+        Path(download_root, filename).write_bytes(b"half an archive")
+        Path(download_root, "cifar-10-batches-py").mkdir()
+        raise interrupt
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", half_a_download)
+    base = tmp_path / "base"
+    base.mkdir()
+    root = base / "data" / "cifar" if before == "missing" else base / "data"
+    if before != "missing":
+        root.mkdir()
+    if before == "holds a file":
+        (root / "notes.txt").write_text("mine")
+    was = tree(base)
+    with pytest.raises(DataError if isinstance(interrupt, URLError) else KeyboardInterrupt) as e:
+        load_dataset("cifar10", str(root), download=True)
+    assert tree(base) == was  # data.root's missing folders, the staging folder: all gone
+    if isinstance(interrupt, URLError):
+        _one_line_error(e, "no network? Nothing was left behind", "data.root to a copy of CIFAR-10 on disk",
+                        "cifar-10-batches-py/ (torchvision pickles)", "(an image folder)",
+                        ".tar.gz", "archive of either")
+
+
+@pytest.mark.parametrize("before", ["missing", "incomplete"])
+def test_a_download_is_moved_into_place_only_when_complete(cifar10_pickled, tmp_path, monkeypatch,
+                                                           before):
+    import torchvision.datasets.cifar as tv_cifar
+
+    d, train, trl, test, tel = cifar10_pickled
+    root = tmp_path / "new" / "data"
+    if before == "incomplete":
+        shutil.copytree(d, root / "cifar-10-batches-py")
+        (root / "cifar-10-batches-py" / "data_batch_3").unlink()
+    seen = {}
+
+    def download(url, download_root, filename=None, md5=None):
+        assert url == tv_cifar.CIFAR10.url and md5 == tv_cifar.CIFAR10.tgz_md5
+        Path(download_root, filename).write_bytes(b"the archive")
+        shutil.copytree(d, Path(download_root, "cifar-10-batches-py"))  # "extracted"
+        seen["in place while downloading"] = tree(root)
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", download)
+    ds = load_dataset("cifar10", str(root), download=True)
+    assert_split(ds.train, train, trl)
+    assert_split(ds.test, test, tel)
+    staging = [n for n in seen["in place while downloading"] if n.startswith(".download-")]
+    assert staging and not any(n.startswith("cifar-10-batches-py/data_batch_3")
+                               for n in seen["in place while downloading"])
+    assert tree(root) == ["cifar-10-batches-py"] + sorted(
+        f"cifar-10-batches-py/{f.name}" for f in d.iterdir())  # no archive, no staging folder
 
 
 # ------------------------------------------------------------------------------------------
@@ -657,4 +938,8 @@ def test_real_cifar10_tar(tmp_path, monkeypatch):
     again = load_dataset("cifar10", str(REAL_TAR), cache_dir=str(tmp_path / "cache"))
     t_second = time.perf_counter() - t0
     assert torch.equal(again.train.images, ds.train.images)
-    print(f"realdata: first load {t_first:.1f}s, cached load {t_second:.1f}s")
+    t0 = time.perf_counter()
+    assert again.fingerprint == ds.fingerprint
+    t_fingerprint = (time.perf_counter() - t0) / 2
+    print(f"realdata: first load {t_first:.1f}s, cached load {t_second:.1f}s, "
+          f"fingerprint {ds.fingerprint} in {t_fingerprint:.2f}s")

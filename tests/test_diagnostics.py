@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from engine.config import ConfigError
-from engine.data import load_dataset
+from engine.data import DataError, load_dataset
 from engine.diagnostics import (Probes, average, measure, measure_at_init, mean_pairwise_cosine,
                                 probe_layers, stable_rank)
 from models import build_model
@@ -311,3 +311,53 @@ def test_app_bad_input_is_one_line_and_exit_2(tmp_path):
     assert res.stderr.strip().splitlines() == [
         "error: diagnose.seed: unknown key 'seed'; allowed in diagnose: norms, seeds, batches, "
         "batch_size, groups, plots"]
+
+
+# ---------------------------------------------------------------- after a failed download
+
+
+def test_falls_back_to_generated_data_after_a_failed_download(tmp_path, monkeypatch):
+    """The README's path: the default run's download fails (no network), then the diagnose
+    example runs on generated data, as documented, rather than on the folder it left behind."""
+    import torchvision.datasets.cifar as tv_cifar
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    monkeypatch.delenv("CIFAR10_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    app = _load_app()
+    cfg = _compose("diagnose.batches=1", "diagnose.batch_size=4", "data.train_size=8")
+    assert cfg.data.root == "data" and cfg.data.download  # the defaults train.py uses
+    with pytest.raises(DataError, match="no network"):
+        load_dataset(cfg.data.name, cfg.data.root, download=True)
+    assert list(tmp_path.iterdir()) == []
+    batches, name = app.load_batches(cfg)
+    assert name == "synthetic" and batches[0][0].shape == (4, 3, 32, 32)
+
+
+def test_train_then_diagnose_offline_as_the_readme_says(tmp_path):
+    """The same with the real commands: no network is a proxy nobody listens on."""
+    env = {k: v for k, v in os.environ.items() if k != "CIFAR10_ROOT"
+           and k.lower() not in ("https_proxy", "http_proxy", "all_proxy", "no_proxy")}
+    env.update(https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9",
+               OMP_NUM_THREADS="1", HYDRA_FULL_ERROR="0")
+    train = subprocess.run([sys.executable, str(ROOT / "train.py"), "logger.mode=disabled",
+                            "trainer.num_threads=1"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert train.returncode != 0
+    last = train.stderr.strip().splitlines()[-1]
+    assert "no network? Nothing was left behind" in last and "data.root" in last, train.stderr
+    assert "Traceback" not in train.stderr
+    assert not (tmp_path / "data").exists()
+    res = subprocess.run([sys.executable, str(SCRIPT), "model.depth=8", "diagnose.seeds=1",
+                          "diagnose.batches=1", "diagnose.batch_size=8", "data.train_size=16",
+                          "diagnose.norms=[none]", "diagnose.groups=[1]", "diagnose.plots=false",
+                          "trainer.num_threads=1", "hydra.run.dir=diag"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    log = res.stdout + res.stderr
+    assert "data.root=data not found: measuring on synthetic data instead" in log
+    assert (tmp_path / "diag" / "summary.csv").exists()

@@ -139,6 +139,44 @@ def test_csv_has_one_row_per_finished_run_with_its_values(sweep, tmp_path, capsy
     assert order == sorted(order)
 
 
+# A finished run's record that parses but cannot be a row: (what is wrong, the line's reason).
+BAD_RECORDS = [
+    (lambda s: s.pop("seed"), "lacks the field 'seed'"),
+    (lambda s: s.pop("status"), "lacks the field 'status'"),
+    (lambda s: s.update(norm_label=None), "lacks the field 'norm_label'"),
+    (lambda s: s.pop("test_acc"), "lacks the field 'test_acc'"),
+    (lambda s: s.update(depth="twenty"), "depth='twenty' is str; expected an integer"),
+    (lambda s: s.update(seed=True), "seed=True is bool; expected an integer"),
+    (lambda s: s.update(test_acc="85.0"), "test_acc='85.0' is str; expected a number"),
+    (lambda s: s.update(wall_time_s=[1]), "wall_time_s=[1] is list; expected a number"),
+    (lambda s: s.update(ws="false"), "ws='false' is str; expected true or false"),
+    (lambda s: s.update(overrides="norm=bn"), "overrides='norm=bn' is not a list of strings"),
+    (lambda s: s.update(identity=[]), "identity=[] is not a mapping"),
+    (lambda s: s["identity"].update({"norm.sync_stats": "yes"}),
+     "identity norm.sync_stats='yes' is str; expected true or false"),
+]
+
+
+def test_records_that_lack_a_field_or_hold_another_type_are_skipped(sweep, tmp_path, capsys):
+    root, summaries, _ = sweep
+    expected = {}
+    for i, (spoil, reason) in enumerate(BAD_RECORDS):
+        s = make_summary("resnet", 20, "gn", False, True, 2, 100 + i, "completed", 50.0, 30)
+        spoil(s)
+        run_dir = root / f"bad{i:02d}"
+        run_dir.mkdir()
+        (run_dir / "summary.json").write_text(json.dumps(s))
+        expected[run_dir / "summary.json"] = reason
+    assert report.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    skipped = [line for line in err if line.startswith("report: skipping")]
+    assert skipped == [f"report: skipping {path}: {reason}" for path, reason in expected.items()]
+    rows = read_csv(tmp_path / "out" / "summary.csv")
+    assert {r["run_dir"] for r in rows} == set(summaries)  # every good run, none of the bad
+    table = (tmp_path / "out" / "table.md").read_text()
+    assert table == RESNET20_TABLE + "\n\n" + VGG16_TABLE + "\n"
+
+
 def test_table_cells_mean_std_missing_and_diverged(sweep, tmp_path, capsys):
     root, _, _ = sweep
     rows, skipped = report.load_local([root])
@@ -214,6 +252,20 @@ def test_wandb_runs_give_the_same_csv_as_local_records(sweep, tmp_path, monkeypa
     assert drop(remote) == drop(local)
     assert (tmp_path / "wb" / "table.md").read_text() == (tmp_path / "local" / "table.md") \
         .read_text()
+
+
+def test_a_mistyped_wandb_run_is_skipped(sweep, tmp_path, monkeypatch, capsys):
+    _, summaries, _ = sweep
+    runs = [FakeRun(s, Path(run_dir).name) for run_dir, s in summaries.items()]
+    runs[0].config["depth"] = "20"
+    runs[1].summary["test_acc"] = "NaN"
+    fake_api(monkeypatch, runs)
+    assert report.main(["--wandb", "me/p", "--out", str(tmp_path / "wb")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[:2] == [
+        f"report: skipping wandb run {runs[0].name}: depth='20' is str; expected an integer",
+        f"report: skipping wandb run {runs[1].name}: test_acc='NaN' is str; expected a number"]
+    assert len(read_csv(tmp_path / "wb" / "summary.csv")) == len(runs) - 2
 
 
 def test_wandb_error_is_one_line(tmp_path, monkeypatch, capsys):
