@@ -2,19 +2,25 @@
 wandb offline, and (marked) real CIFAR-10."""
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 import yaml
 
 from engine import checkpoint
+from engine import loop
 from engine.config import validate
-from engine.loop import run
+from engine.data import GlobalBatches, load_dataset
+from engine.loop import Process, Step, evaluate, run, train_epoch
 from engine.records import code_version
+from models import build_model
+from norms import NORMS, configure_devices
 
 from conftest import ROOT, TINY, make_cfg, run_cli
 
@@ -47,7 +53,7 @@ def test_short_run_writes_the_run_record_and_learns(tmp_path):
     config = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert config["model"]["depth"] == 8 and config["data"]["name"] == "synthetic"
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
-    assert state["epoch"] == 3 and set(state["rng"]) >= {"torch", "python", "numpy"}
+    assert state["epoch"] == 3 and "rng" not in state  # nothing draws from the global RNGs
     # Re-running a finished run does nothing and returns the same summary.
     assert run(cfg, tmp_path)["wall_time_s"] == summary["wall_time_s"]
 
@@ -178,6 +184,61 @@ def test_sigkill_mid_epoch_then_rerun_ends_bit_exactly(tmp_path, norm):
     strip = lambda ms: [{k: v for k, v in m.items() if k not in ("images_per_sec", "elapsed_s")}  # noqa
                         for m in ms]
     assert strip(metrics("ref")) == strip(metrics("killed"))
+
+
+def _global_generators():
+    return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+
+
+def test_training_draws_nothing_from_the_global_generators():
+    """Why a checkpoint holds no RNG state: the data order and augmentation come from
+    generators seeded by (seed, epoch), and no training step or evaluation of any norm draws
+    from torch's, Python's or NumPy's global generators, so a resumed run needs none of their
+    states. A norm or step that starts drawing (dropout, stochastic depth) fails here: then
+    the checkpoint must save and restore those states again."""
+    data = load_dataset("synthetic", None, train_size=32, test_size=8)
+    batches = GlobalBatches(data.train, 16, data.mean, data.std, "cpu")
+    for name in NORMS:
+        model = build_model("resnet", 8, norm=name, groups=4)
+        configure_devices(model, virtual_devices=2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, loop.WarmupCosine(1, 4))
+        before = _global_generators()
+        train_epoch(model, opt, sched, batches, 0, Process(), Step(accumulate=2), check_every=1,
+                    bar=None)
+        evaluate(model, data.test, data.mean, data.std, 8, Process())
+        after = _global_generators()
+        assert torch.equal(before[0], after[0]) and before[1] == after[1], name
+        assert np.array_equal(before[2], after[2]), name
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_checkpoint_with_the_old_rng_entry_still_resumes_bit_exactly(tmp_path, monkeypatch):
+    """Checkpoints written before the RNG state was dropped hold an "rng" entry: it is ignored."""
+    cfg = make_cfg(*TINY, "norm=bcn_ws")
+    run(cfg, tmp_path / "ref")
+
+    def stop(self, metrics):  # after epoch 1's checkpoint: an interrupted run
+        raise _Stop
+    monkeypatch.setattr(loop.Tracker, "log", stop)
+    with pytest.raises(_Stop):
+        run(cfg, tmp_path / "old")
+    monkeypatch.undo()
+    ckpt = tmp_path / "old/checkpoints/last.pt"
+    state = checkpoint.load(ckpt)
+    assert state["epoch"] == 1
+    state["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate(),  # the old entry
+                    "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    torch.save(state, ckpt)
+    assert run(cfg, tmp_path / "old")["epochs_completed"] == 2
+    a, b = _state(tmp_path / "ref/checkpoints/last.pt"), _state(ckpt)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(x)["train_loss"] for x in (tmp_path / "ref/metrics.jsonl").read_text()
+            .splitlines()] == [json.loads(x)["train_loss"] for x in
+                               (tmp_path / "old/metrics.jsonl").read_text().splitlines()]
 
 
 def test_corrupt_checkpoint_is_one_clear_error_and_kept(tmp_path):
