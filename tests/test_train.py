@@ -1,6 +1,7 @@
 """The training app end to end: run records, divergence, resume after SIGKILL, bad input,
 wandb offline, and (marked) real CIFAR-10."""
 import json
+import math
 import os
 import random
 import signal
@@ -96,14 +97,40 @@ def test_code_version_is_the_checkouts_commit_and_flags_edits(tmp_path):
     assert code_version(tmp_path / "plain") is None  # no checkout at all
 
 
-def test_lr_schedule_warmup_then_cosine_with_linear_scaling(tmp_path):
-    cfg = make_cfg(*TINY, "optim.warmup_epochs=1", "optim.lr=0.4", "data.train_size=128")
-    run(cfg, tmp_path)
-    lrs = [m["lr"] for m in (json.loads(x) for x in
-                             (tmp_path / "metrics.jsonl").read_text().splitlines())]
-    # global batch 32 -> peak lr 0.4 * 32/128 = 0.1; 4 steps/epoch, 2 epochs, cosine to 0.
-    assert lrs[0] == pytest.approx(0.1)
-    assert lrs[1] == pytest.approx(0.0, abs=1e-12)
+def expected_lrs(peak: float, warmup: int, total: int) -> list[float]:
+    """The schedule written out: step i (from 0) of `total` trains at peak (i + 1) / warmup
+    during the warm-up, then at peak (1 + cos(pi (i - warmup) / (total - warmup))) / 2."""
+    return [peak * (i + 1) / warmup if i < warmup else
+            peak * 0.5 * (1 + math.cos(math.pi * (i - warmup) / (total - warmup)))
+            for i in range(total)]
+
+
+@pytest.mark.parametrize("overrides,peak,warmup,total", [
+    # global batch 32 -> peak 0.4 x 32 / 128 = 0.1; 8 steps/epoch, 2 epochs, warm-up 1 epoch
+    (["optim.warmup_epochs=1"], 0.1, 8, 16),
+    # global batch 64 (4 steps/epoch): peak 0.2; warm-up half an epoch = 2 steps
+    (["batch_size_per_device=64", "optim.warmup_epochs=0.5"], 0.2, 2, 8),
+    # no scaling, no warm-up: the cosine starts at the base lr
+    (["batch_size_per_device=64", "optim.scale_lr=false", "optim.warmup_epochs=0"], 0.4, 0, 8),
+])
+def test_lr_schedule_warmup_then_cosine_with_linear_scaling(tmp_path, monkeypatch, overrides,
+                                                            peak, warmup, total):
+    """The lr every optimizer step of a run trains at: the whole curve."""
+    lrs = []
+    real = loop.train_step
+
+    def spy(net, optimizer, *args, **kwargs):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        return real(net, optimizer, *args, **kwargs)
+    monkeypatch.setattr(loop, "train_step", spy)
+    run(make_cfg(*TINY, "optim.lr=0.4", *overrides), tmp_path)
+    assert lrs == pytest.approx(expected_lrs(peak, warmup, total), rel=1e-12, abs=1e-15)
+    if warmup == 8:  # a few points by hand: the warm-up's middle, the top, the cosine's middle
+        assert (lrs[3], lrs[7], lrs[8], lrs[12]) == pytest.approx((0.05, 0.1, 0.1, 0.05))
+    # metrics.jsonl: the lr after each epoch's last step (the next step's), 0 after the last.
+    logged = [json.loads(x)["lr"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    after = [*expected_lrs(peak, warmup, total), 0.0]
+    assert logged == pytest.approx([after[total // 2], after[total]], abs=1e-12)
 
 
 def test_divergence_is_a_result_not_a_crash(tmp_path):
