@@ -168,9 +168,15 @@ def test_norm_statistics_stay_fp32_under_autocast():
     torch.testing.assert_close(est.var_hat, 0.5 + 0.5 * xf.square().mean((0, 2, 3)))
 
 
+# Every way a tensor's value reaches the host: on a GPU each waits for the queued kernels.
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__",
+              "__complex__")
+
+
 def test_the_hot_loop_reads_nothing_back_between_checks(monkeypatch):
-    """No .item(), bool() or .tolist() on a tensor inside an epoch when no check falls in it:
-    on a GPU each would stall the launch queue."""
+    """No .item(), .tolist(), .numpy(), .cpu(), bool(), float(), int() or index use of a
+    tensor inside an epoch when no check falls in it: on a GPU each would stall the launch
+    queue."""
     data = load_dataset("synthetic", None, train_size=64, test_size=1)
     batches = GlobalBatches(data.train, 8, data.mean, data.std, "cpu")
     model = build_model("resnet", 8, norm="bcn", groups=4)
@@ -179,7 +185,7 @@ def test_the_hot_loop_reads_nothing_back_between_checks(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("host read-back in the hot loop")
-    for name in ("item", "__bool__", "tolist"):
+    for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, refuse)
     loss_sum, correct, seen = train_epoch(model, opt, sched, batches, 0, Process(), Step(),
                                           check_every=10**9, bar=None)
