@@ -34,6 +34,14 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, **kwargs) -> subprocess
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def assert_ran_at_once(run_dirs) -> None:
+    """The sweep jobs' lifetimes overlap: each job starts (Hydra writes its .hydra/config.yaml)
+    before every other one ends (summary.json written). Jobs run one after another fail."""
+    spans = [((d / ".hydra" / "config.yaml").stat().st_mtime, (d / "summary.json").stat().st_mtime)
+             for d in run_dirs]
+    assert len(spans) >= 2 and max(s for s, _ in spans) < min(e for _, e in spans), spans
+
+
 @pytest.fixture
 def shared_tar():
     if not SHARED_TAR.exists():

@@ -23,7 +23,7 @@ from engine.records import code_version
 from models import build_model
 from norms import NORMS, configure_devices
 
-from conftest import ROOT, TINY, make_cfg, run_cli
+from conftest import ROOT, TINY, assert_ran_at_once, make_cfg, run_cli
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
                "images_per_sec", "elapsed_s"}
@@ -414,11 +414,13 @@ def test_multirun_sweep_writes_one_record_per_job_and_reruns_skip(tmp_path):
 
 
 def test_parallel_launcher_runs_sweep_jobs_side_by_side(tmp_path):
-    res = run_cli("-m", "hydra/launcher=parallel", *TINY, "trainer.epochs=1", "norm=bn,gn",
+    res = run_cli("-m", "hydra/launcher=parallel", *TINY, "norm=bn,gn",
                   "name=par", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    summaries = list((tmp_path / "multirun" / "par").glob("*/summary.json"))
-    assert sorted(json.loads(p.read_text())["norm"] for p in summaries) == ["bn", "gn"]
+    jobs = [p.parent for p in (tmp_path / "multirun" / "par").glob("*/summary.json")]
+    assert sorted(json.loads((d / "summary.json").read_text())["norm"] for d in jobs) == \
+        ["bn", "gn"]
+    assert_ran_at_once(jobs)
 
 
 def test_probes_during_training_leave_the_run_unchanged(tmp_path):
