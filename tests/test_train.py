@@ -1,9 +1,11 @@
 """The training app end to end: run records, divergence, resume after SIGKILL, bad input,
 wandb offline, and (marked) real CIFAR-10."""
 import json
+import logging
 import math
 import os
 import random
+import runpy
 import signal
 import subprocess
 import sys
@@ -250,6 +252,10 @@ def test_sigkill_mid_epoch_then_rerun_ends_bit_exactly(tmp_path, norm):
     assert len(metrics("ref")) == epochs and strip(metrics("ref")) == strip(metrics("killed"))
 
 
+def _no_decoding(*args):
+    raise AssertionError("the real archive was decoded again")
+
+
 def _global_generators():
     return torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
 
@@ -363,6 +369,35 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
         run(make_cfg(*TINY, "trainer.epochs=1", "seed=1"), tmp_path)
 
 
+def train_py(*args: str, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
+    """`python train.py ARGS` in this process: train.py run as __main__ (runpy), its
+    preflight and its Hydra app as the command line runs them; returns (exit status, stdout,
+    stderr). Hydra's logging set-up is undone afterwards."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "train.py"), *args])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code or 0
+    finally:
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
+                h.close()
+        for h in handlers:
+            if h not in root.handlers:
+                root.addHandler(h)
+        root.setLevel(level)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 @pytest.mark.parametrize("args,needle", [
     (["batch_size_per_device=0"], "batch_size_per_device=0 is invalid"),
     (["batch_size_per_device=abc"], "batch_size_per_device: Value 'abc'"),
@@ -379,20 +414,35 @@ def test_checkpoint_of_another_config_is_refused(tmp_path):
     (["data=cifar10", "data.root=/does/not/exist", "data.download=false"], "data.root"),
     (["data=cifar10", "data.root=/does/not/exist", "data.download=true"], "data.download"),
 ])
-def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, args, needle):
-    res = run_cli(*TINY, *args, cwd=tmp_path, timeout=120)
-    assert res.returncode == 2, res.stdout[-1000:] + res.stderr[-2000:]
-    errors = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("error: "), res.stderr[-2000:]
+def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, monkeypatch, capsys, args,
+                                                     needle):
+    """Each through train.py's __main__ in this process (the command line's own path: the
+    composition preflight, Hydra, validation, data loading); one real subprocess below."""
+    code, out, err = train_py(*TINY, *args, cwd=tmp_path, monkeypatch=monkeypatch,
+                              capsys=capsys)
+    assert code == 2, out[-1000:] + err[-2000:]
+    errors = [line for line in err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: "), err[-2000:]
     assert needle in errors[0], errors[0]
-    assert "Traceback" not in res.stdout + res.stderr
+    assert "Traceback" not in out + err
     assert not list(tmp_path.rglob("last.pt")), "nothing may be trained"
 
 
+def test_bad_input_on_the_command_line_is_one_line_and_exit_status_2(tmp_path):
+    """The real interpreter: its exit status and its whole stderr."""
+    res = run_cli(*TINY, "batch_size_per_device=0", cwd=tmp_path, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr == "error: batch_size_per_device=0 is invalid; allowed: an integer >= 1\n"
+    assert not list(tmp_path.rglob("last.pt"))
+
+
 @pytest.mark.realdata
-def test_resnet20_bn_learns_real_cifar10_in_one_epoch(tmp_path, shared_tar):
-    """Issue 3's done-criterion, in the default suite: about a minute on 2 CPU cores."""
-    cfg = make_cfg(f"data.root={shared_tar}", f"data.cache_dir={tmp_path / 'cache'}",
+def test_resnet20_bn_learns_real_cifar10_in_one_epoch(tmp_path, real_cifar10, monkeypatch):
+    """Issue 3's done-criterion, in the default suite: about a minute on 2 CPU cores. The
+    archive comes from the session's cache (decoding it again would fail here)."""
+    tar, cache = real_cifar10
+    monkeypatch.setattr("engine.data._decode_image", _no_decoding)
+    cfg = make_cfg(f"data.root={tar}", f"data.cache_dir={cache}",
                    "data.train_subset=10000", "trainer.epochs=1", "logger.mode=disabled",
                    "trainer.device=cpu", "optim.warmup_epochs=0")
     summary = run(cfg, tmp_path / "run")
