@@ -66,8 +66,9 @@ def assert_same_end(run_dir: Path, ref_dir: Path) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("images_per_sec", "elapsed_s")}  # noqa
-                        for m in ms]
+    def strip(ms):
+        return [{k: v for k, v in m.items() if k not in ("images_per_sec", "elapsed_s")}
+                for m in ms]
     assert strip(metrics(run_dir)) == strip(metrics(ref_dir))
 
 
