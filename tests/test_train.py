@@ -20,7 +20,7 @@ from engine import loop
 from engine.config import validate
 from engine.data import GlobalBatches, load_dataset
 from engine.loop import Process, Step, evaluate, run, train_epoch
-from engine.records import code_version
+from engine.records import RunRecord, code_version
 from models import build_model
 from norms import NORMS, configure_devices
 
@@ -290,9 +290,9 @@ def test_a_checkpoint_with_the_old_rng_entry_still_resumes_bit_exactly(tmp_path,
     cfg = make_cfg(*TINY, "norm=bcn_ws")
     run(cfg, tmp_path / "ref")
 
-    def stop(self, metrics):  # after epoch 1's checkpoint: an interrupted run
+    def stop(self, *args, **kwargs):  # right after epoch 1's checkpoint: an interrupted run
         raise _Stop
-    monkeypatch.setattr(loop.Tracker, "log", stop)
+    monkeypatch.setattr(RunRecord, "write_metrics", stop)
     with pytest.raises(_Stop):
         run(cfg, tmp_path / "old")
     monkeypatch.undo()
