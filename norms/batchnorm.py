@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn import functional as dist_nn
 
-from .devices import DeviceAware
+from .devices import DeviceAware, in_layout_of
 
 
 class BatchNorm(DeviceAware, nn.BatchNorm2d):
@@ -82,7 +82,7 @@ class BatchNorm(DeviceAware, nn.BatchNorm2d):
         with torch.no_grad():
             self.running_mean.copy_(mean.view(devices, c).mean(0))
             self.running_var.copy_(var.view(devices, c).mean(0))
-        return y.unflatten(1, (devices, c)).transpose(0, 1).flatten(0, 1)
+        return in_layout_of(y.unflatten(1, (devices, c)).transpose(0, 1).flatten(0, 1), x)
 
     def _cross_process(self, x: torch.Tensor) -> torch.Tensor:
         """SyncBN on any backend: gather (count, mean, var) of every process, differentiably.

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .devices import DeviceAware, StepAverage
+from .devices import DeviceAware, StepAverage, in_layout_of
 
 
 class BatchRenorm(DeviceAware, nn.Module):
@@ -105,4 +105,6 @@ class BatchRenorm(DeviceAware, nn.Module):
                 self.running_mean.lerp_(mean[0], self.momentum)
                 self.running_std.lerp_(mean[1], self.momentum)
                 self.steps.add_(1)
-        return y if k == 1 else y.unflatten(1, (k, c)).transpose(0, 1).flatten(0, 1)
+        if k == 1:
+            return y
+        return in_layout_of(y.unflatten(1, (k, c)).transpose(0, 1).flatten(0, 1), x)

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .devices import DeviceAware
+from .devices import DeviceAware, in_layout_of
 
 
 class EstimatedBatchNorm(DeviceAware, nn.Module):
@@ -109,7 +109,9 @@ class EstimatedBatchNorm(DeviceAware, nn.Module):
         weight, bias = (self.weight, self.bias) if slices == 1 else (
             self.weight.repeat(slices), self.bias.repeat(slices))
         y = F.batch_norm(xt, mu.flatten(), var.flatten(), weight, bias, False, 0.0, self.eps)
-        return y if slices == 1 else y.unflatten(1, (slices, c)).transpose(0, 1).flatten(0, 1)
+        if slices == 1:
+            return y
+        return in_layout_of(y.unflatten(1, (slices, c)).transpose(0, 1).flatten(0, 1), x)
 
 
 class BatchChannelNorm(nn.Module):

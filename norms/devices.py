@@ -28,6 +28,16 @@ import torch.distributed as dist
 from torch import nn
 
 
+def in_layout_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """y in x's memory format. The device-slice reshapes ([K*b, C] <-> [b, K*C]) copy into
+    the default layout; with trainer.channels_last the next convolution should get NHWC
+    activations, not convert them itself."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last):
+        return y.contiguous(memory_format=torch.channels_last)
+    return y
+
+
 class MicroStep(NamedTuple):
     """One training forward's place in its optimizer step."""
     rows: slice     # the device indices of its K devices

@@ -172,7 +172,7 @@ class EvoNormS0Function(torch.autograd.Function):
     def forward(ctx, x, v, weight, bias, groups: int, eps: float):
         n, c = x.shape[:2]
         xf = _wide(x).reshape(n, c, -1)
-        mu, var = _moments(xf.view(n, groups, -1))                          # [N, G]
+        mu, var = _moments(xf.reshape(n, groups, -1))  # [N, G]; a copy if x is channels_last
         inv = torch.rsqrt(var + eps)
         s = torch.sigmoid(xf * v.view(c, 1))
         scale = weight * inv.repeat_interleave(c // groups, 1)              # [N, C]

@@ -34,8 +34,22 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, **kwargs) -> subprocess
                           capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-@pytest.fixture
-def shared_tar():
+def assert_ran_at_once(run_dirs) -> None:
+    """The sweep jobs' lifetimes overlap: each job starts (Hydra writes its .hydra/config.yaml)
+    before every other one ends (summary.json written). Jobs run one after another fail."""
+    spans = [((d / ".hydra" / "config.yaml").stat().st_mtime, (d / "summary.json").stat().st_mtime)
+             for d in run_dirs]
+    assert len(spans) >= 2 and max(s for s, _ in spans) < min(e for _, e in spans), spans
+
+
+@pytest.fixture(scope="session")
+def real_cifar10(tmp_path_factory) -> tuple[Path, Path]:
+    """(archive, cache dir): the real CIFAR-10 archive decoded once per test session into a
+    cache the real-data tests share (decoding its 60,000 JPEGs is most of their time)."""
     if not SHARED_TAR.exists():
         pytest.skip(f"real CIFAR-10 not found at {SHARED_TAR}")
-    return SHARED_TAR
+    from engine.data import load_dataset
+
+    cache = tmp_path_factory.mktemp("cifar10-cache")
+    load_dataset("cifar10", str(SHARED_TAR), cache_dir=str(cache))
+    return SHARED_TAR, cache

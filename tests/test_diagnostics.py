@@ -49,7 +49,10 @@ def test_stable_rank_known_answers():
     f = torch.randn(6, 10, dtype=torch.float64)
     s = torch.linalg.svdvals(f)
     assert stable_rank(f) == pytest.approx(float((s ** 2).sum() / s.max() ** 2))
-    assert stable_rank(torch.randn(3, 2, 4, 4)) <= 3                     # flattened per sample
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)                     # flattened per sample:
+    s = torch.linalg.svdvals(x.reshape(3, 32))                           # 3 rows of C x H x W
+    assert stable_rank(x) == pytest.approx(float((s ** 2).sum() / s.max() ** 2))
+    assert 1 < stable_rank(x) < 3
 
 
 def test_mean_pairwise_cosine_known_answers():

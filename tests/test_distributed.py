@@ -2,6 +2,7 @@
 as virtual devices and accumulation, DDP sweep jobs, and a killed worker."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,10 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from engine import checkpoint
 from engine.loop import run
 
-from conftest import ROOT, TINY, make_cfg, run_cli
+from conftest import ROOT, TINY, assert_ran_at_once, make_cfg, run_cli
 
 SMALL = (*TINY, "batch_size_per_device=8", "trainer.epochs=2")
 
@@ -33,21 +36,48 @@ def assert_same_run(a: list[dict], b: list[dict], train_only=False, rel=1e-4):
             assert ma["test_loss"] == pytest.approx(mb["test_loss"], rel=2 * rel)
 
 
-def test_self_launch_and_torchrun_run_the_same_ddp_job(tmp_path):
-    res = run_cli(*SMALL, "trainer.devices=2", "hydra.run.dir=self", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
+# Long enough to kill a worker mid-run: 32 steps an epoch of 2 processes x 16 images.
+KILL = (*TINY, "batch_size_per_device=16", "data.train_size=1024", "trainer.epochs=3")
+
+
+def torchrun(*args: str, cwd: Path, **kwargs):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    tr = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                         "--nproc_per_node=2", str(ROOT / "train.py"), *SMALL,
-                         "hydra.run.dir=torchrun"], cwd=tmp_path, env=env, capture_output=True,
-                        text=True, timeout=300)
-    assert tr.returncode == 0, tr.stderr[-3000:]
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", *args], cwd=cwd, env=env, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """One 2-process DDP job (KILL), launched by train.py (`self`) and by torchrun
+    (`torchrun`), never interrupted: the references of the killed jobs below."""
+    d = tmp_path_factory.mktemp("uninterrupted")
+    res = run_cli(*KILL, "trainer.devices=2", "hydra.run.dir=self", cwd=d)
+    assert res.returncode == 0, res.stderr[-3000:]
+    tr = torchrun(str(ROOT / "train.py"), *KILL, "hydra.run.dir=torchrun", cwd=d,
+                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out, _ = tr.communicate(timeout=300)
+    assert tr.returncode == 0, out[-3000:]
+    return d
+
+
+def assert_same_end(run_dir: Path, ref_dir: Path) -> None:
+    """The same weights, buffers and per-epoch metrics (timings aside), bit for bit."""
+    a, b = (checkpoint.load(d / "checkpoints" / "last.pt")["model"] for d in (ref_dir, run_dir))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    def strip(ms):
+        return [{k: v for k, v in m.items() if k not in ("images_per_sec", "elapsed_s")}
+                for m in ms]
+    assert strip(metrics(run_dir)) == strip(metrics(ref_dir))
+
+
+def test_self_launch_and_torchrun_run_the_same_ddp_job(uninterrupted):
     for d in ("self", "torchrun"):
-        s = json.loads((tmp_path / d / "summary.json").read_text())
-        assert (s["devices"], s["global_batch"], s["status"]) == (2, 16, "completed")
-        assert not list((tmp_path / d).glob("*rank*")), "one run dir for the whole job"
-    assert metrics(tmp_path / "self")[-1]["test_loss"] == \
-        metrics(tmp_path / "torchrun")[-1]["test_loss"]  # the very same computation
+        s = json.loads((uninterrupted / d / "summary.json").read_text())
+        assert (s["devices"], s["global_batch"], s["status"]) == (2, 32, "completed")
+        assert not list((uninterrupted / d).glob("*rank*")), "one run dir for the whole job"
+    assert_same_end(uninterrupted / "torchrun", uninterrupted / "self")  # the same computation
 
 
 # Per-device norms with state, their schedules inside this 32-step run.
@@ -86,10 +116,12 @@ def test_multirun_whose_jobs_are_ddp(tmp_path, launcher):
     res = run_cli("-m", *SMALL, "trainer.epochs=1", "norm=bn,gn", "trainer.devices=2",
                   f"hydra/launcher={launcher}", "name=ddpsweep", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    summaries = [json.loads(p.read_text())
-                 for p in (tmp_path / "multirun" / "ddpsweep").glob("*/summary.json")]
+    jobs = sorted(p.parent for p in (tmp_path / "multirun" / "ddpsweep").glob("*/summary.json"))
+    summaries = [json.loads((d / "summary.json").read_text()) for d in jobs]
     assert sorted(s["norm"] for s in summaries) == ["bn", "gn"]
     assert all(s["devices"] == 2 and s["status"] == "completed" for s in summaries)
+    if launcher == "parallel":
+        assert_ran_at_once(jobs)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -122,9 +154,8 @@ def _workers(pid: int, marker: bytes = b"spawn_main") -> list[int]:
     return sorted(out)
 
 
-def test_killed_worker_fails_the_job_fast_and_rerun_resumes(tmp_path):
-    args = [*TINY, "batch_size_per_device=16", "data.train_size=2048", "trainer.epochs=4",
-            "trainer.devices=2", "hydra.run.dir=job"]
+def test_killed_worker_fails_the_job_fast_and_rerun_resumes(tmp_path, uninterrupted):
+    args = [*KILL, "trainer.devices=2", "hydra.run.dir=job"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     job = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -146,22 +177,21 @@ def test_killed_worker_fails_the_job_fast_and_rerun_resumes(tmp_path):
     assert time.time() - killed_at < 60
     assert "error: worker rank 1 failed (killed by SIGKILL)" in err, err[-2000:]
     assert not (tmp_path / "job" / "summary.json").exists()
+    resume_from = checkpoint.load(ckpt)["epoch"]
+    assert 1 <= resume_from < 3, "killed after the first checkpoint, before the end"
 
     again = run_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming" in again.stdout + again.stderr
+    assert f"from epoch {resume_from}" in again.stdout + again.stderr
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["epochs_completed"] == 4
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 3
+    assert_same_end(tmp_path / "job", uninterrupted / "self")
 
 
-def test_torchrun_max_restarts_resumes_after_a_killed_worker(tmp_path):
-    args = [*TINY, "batch_size_per_device=16", "data.train_size=2048", "trainer.epochs=4",
-            "hydra.run.dir=job"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            "--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.5",
-                            str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_torchrun_max_restarts_resumes_after_a_killed_worker(tmp_path, uninterrupted):
+    job = torchrun("--max-restarts=1", "--monitor-interval=0.5", str(ROOT / "train.py"), *KILL,
+                   "hydra.run.dir=job", cwd=tmp_path, stdout=subprocess.PIPE,
+                   stderr=subprocess.STDOUT)
     ckpt = tmp_path / "job" / "checkpoints" / "last.pt"
     deadline = time.time() + 240
     while not ckpt.exists() and time.time() < deadline and job.poll() is None:
@@ -176,7 +206,9 @@ def test_torchrun_max_restarts_resumes_after_a_killed_worker(tmp_path):
         job.kill()
         pytest.fail("torchrun did not restart and finish the job")
     assert job.returncode == 0, out[-3000:]
-    assert "resuming" in out
+    resumed = re.findall(r"resuming \S+ from epoch (\d+)", out)
+    assert len(resumed) == 1 and 1 <= int(resumed[0]) < 3, out[-3000:]  # restarted once, mid-run
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["epochs_completed"] == 4
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 3
     assert summary["devices"] == 2
+    assert_same_end(tmp_path / "job", uninterrupted / "torchrun")

@@ -1,6 +1,7 @@
 """The trainer's fast paths: bf16 autocast, channels_last, torch.compile (run here, on CPU),
 fp16 and CUDA graphs (CUDA only: skipped without a GPU), their validation, and the hot loop's
 freedom from host syncs."""
+import copy
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from engine.config import ConfigError, validate
 from engine.data import GlobalBatches, load_dataset
 from engine.loop import Process, Step, identity, run, train_epoch
 from models import build_model
-from norms import build_norm
+from norms import NORMS, build_norm, configure_devices
 
 from conftest import TINY, make_cfg, run_cli
 
@@ -48,19 +49,94 @@ def test_bf16_learns_close_to_fp32(tmp_path):
     assert_close_runs(bf16, fp32, rel=5e-2)  # bf16 keeps 8 bits of mantissa
 
 
+def nhwc(t: torch.Tensor) -> bool:
+    """NHWC strides, not merely compatible with them (as a [N, 1, H, W] tensor is)."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def spy_training(monkeypatch) -> dict:
+    """Patch engine.loop.train_step to record what training runs on: the net it is given, and,
+    for every training forward of every convolution, whether its weight, its input and its
+    output are channels_last."""
+    seen = {"nets": [], "convs": []}
+    real = loop.train_step
+
+    def hook(conv, inputs, output):
+        if conv.training:
+            seen["convs"].append((nhwc(conv.weight), nhwc(inputs[0]), nhwc(output)))
+
+    def spy(net, *args, **kwargs):
+        if not seen["nets"]:
+            for m in net.modules():
+                if isinstance(m, torch.nn.Conv2d):
+                    m.register_forward_hook(hook)
+        seen["nets"].append(net)
+        return real(net, *args, **kwargs)
+    monkeypatch.setattr(loop, "train_step", spy)
+    return seen
+
+
 @pytest.mark.parametrize("norm", ["bn", "bcn_ws", "gn"])
-def test_channels_last_gives_the_same_losses(tmp_path, norm):
+def test_channels_last_gives_the_same_losses(tmp_path, monkeypatch, norm):
     args = (*TINY, f"norm={norm}", "trainer.virtual_devices=2", "batch_size_per_device=8")
+    seen = spy_training(monkeypatch)
     _, dense = train(tmp_path, "contiguous", *args)
-    _, nhwc = train(tmp_path, "channels_last", *args, "trainer.channels_last=true")
-    assert_close_runs(nhwc, dense, rel=1e-4)  # the same maths; summation order only
+    assert seen["convs"] and not any(any(c) for c in seen["convs"])  # the control: NCHW
+    seen = spy_training(monkeypatch)
+    _, last = train(tmp_path, "channels_last", *args, "trainer.channels_last=true")
+    # Every conv of every training step: weight, input and output in NHWC.
+    assert seen["convs"] and all(all(c) for c in seen["convs"]), seen["convs"][:8]
+    assert_close_runs(last, dense, rel=1e-4)  # the same maths; summation order only
 
 
-def test_compile_gives_the_same_losses_as_eager(tmp_path):
+@pytest.mark.parametrize("devices", [1, 2])
+def test_every_norm_keeps_activations_channels_last_and_its_numbers(devices):
+    """Every norm on 1 and 2 virtual devices: in a channels_last model every convolution gets
+    NHWC input (the device-slice reshapes copy into the default layout: the norms put NHWC
+    back), and forward, input gradient and parameter gradients equal the contiguous model's
+    (float64: only the summation order differs)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 3, 32, 32, generator=gen, dtype=torch.float64)
+    up = torch.randn(8, 10, generator=gen, dtype=torch.float64)
+    for name, options in [*((n, {}) for n in NORMS), ("bcn", {"sync_stats": False})]:
+        torch.manual_seed(0)
+        dense = build_model("resnet", 8, norm=name, groups=4, **options).double()
+        last = copy.deepcopy(dense).to(memory_format=torch.channels_last)
+        layouts = []
+        for m in last.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_hook(lambda m, i, o: layouts.append(
+                    (nhwc(m.weight), nhwc(i[0]), nhwc(o))))
+        outs = []
+        for model, xin in ((dense, x), (last, x.contiguous(memory_format=torch.channels_last))):
+            configure_devices(model, virtual_devices=devices)
+            xin = xin.clone().requires_grad_()
+            out = model(xin)
+            (out * up).sum().backward()
+            outs.append([out.detach(), xin.grad, *(p.grad for p in model.parameters())])
+        assert layouts and all(all(c) for c in layouts), (name, options, layouts)
+        for a, b in zip(*outs):
+            torch.testing.assert_close(b, a, msg=lambda m: f"{name}: {m}")  # float64
+
+
+def test_compile_gives_the_same_losses_as_eager(tmp_path, monkeypatch):
     """About 40 s on a 2-core CPU (inductor compiles C++ with gcc), most of it compiling."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch._dynamo.utils import counters
+
     args = (*TINY, "norm=bcn_ws", "trainer.epochs=1")
+    seen = spy_training(monkeypatch)
     _, eager = train(tmp_path, "eager", *args)
+    assert seen["nets"] and not any(isinstance(n, OptimizedModule) for n in seen["nets"])
+    torch._dynamo.reset()
+    counters.clear()
+    seen = spy_training(monkeypatch)
     _, compiled = train(tmp_path, "compiled", *args, "trainer.compile=true")
+    # Every step ran the compiled module, and dynamo captured the forward and AOTAutograd
+    # compiled it with its backward (the training step, not only eval or probes).
+    assert seen["nets"] and all(isinstance(n, OptimizedModule) for n in seen["nets"])
+    assert counters["frames"]["ok"] >= 1 and counters["aot_autograd"]["ok"] >= 1, \
+        {k: dict(v) for k, v in counters.items()}
     assert_close_runs(compiled, eager, rel=1e-4)
 
 
@@ -92,9 +168,15 @@ def test_norm_statistics_stay_fp32_under_autocast():
     torch.testing.assert_close(est.var_hat, 0.5 + 0.5 * xf.square().mean((0, 2, 3)))
 
 
+# Every way a tensor's value reaches the host: on a GPU each waits for the queued kernels.
+HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__",
+              "__complex__")
+
+
 def test_the_hot_loop_reads_nothing_back_between_checks(monkeypatch):
-    """No .item(), bool() or .tolist() on a tensor inside an epoch when no check falls in it:
-    on a GPU each would stall the launch queue."""
+    """No .item(), .tolist(), .numpy(), .cpu(), bool(), float(), int() or index use of a
+    tensor inside an epoch when no check falls in it: on a GPU each would stall the launch
+    queue."""
     data = load_dataset("synthetic", None, train_size=64, test_size=1)
     batches = GlobalBatches(data.train, 8, data.mean, data.std, "cpu")
     model = build_model("resnet", 8, norm="bcn", groups=4)
@@ -103,7 +185,7 @@ def test_the_hot_loop_reads_nothing_back_between_checks(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise AssertionError("host read-back in the hot loop")
-    for name in ("item", "__bool__", "tolist"):
+    for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, refuse)
     loss_sum, correct, seen = train_epoch(model, opt, sched, batches, 0, Process(), Step(),
                                           check_every=10**9, bar=None)

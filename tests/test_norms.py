@@ -108,12 +108,23 @@ def test_bn_eval_uses_running_statistics():
     assert torch.equal(bn.running_mean, before)
 
 
-def test_bn_cumulative_momentum_none():
+@pytest.mark.parametrize("devices", [1, 2])
+def test_bn_cumulative_momentum_none(devices):
+    """momentum=None: the running statistics are the plain average of every batch statistic
+    seen (torch's cumulative average: the initial 0 and 1 drop out at the first step), the
+    variance's the unbiased one; each device's, averaged over devices."""
+    gen = torch.Generator().manual_seed(2)
     bn = BatchNorm(3, momentum=None).to(DT)
-    xs = [torch.randn(4, 3, 2, 2, dtype=DT) for _ in range(3)]
+    configure_devices(bn, virtual_devices=devices)
+    xs = [torch.randn(4, 3, 2, 2, generator=gen, dtype=DT) * (i + 1) + i for i in range(3)]
     for x in xs:
         bn(x)
-    torch.testing.assert_close(bn.running_mean, torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0))
+    slices = [s for x in xs for s in x.chunk(devices)]
+    torch.testing.assert_close(bn.running_mean,
+                               torch.stack([s.mean((0, 2, 3)) for s in slices]).mean(0))
+    torch.testing.assert_close(bn.running_var, torch.stack(
+        [s.transpose(0, 1).reshape(3, -1).var(1) for s in slices]).mean(0))
+    assert int(bn.num_batches_tracked) == len(xs)
 
 
 @pytest.mark.parametrize("devices", [1, 4])
@@ -253,12 +264,44 @@ def test_bcn_gradients_do_not_flow_through_estimates():
     assert layer.weight.shape == (2,) and ebn.weight.shape == (4,)
 
 
-def test_bcn_virtual_devices_update_from_the_global_batch():
-    x = torch.randn(8, 4, 3, 3, dtype=DT)
-    whole, split = (build_norm("bcn", 4, groups=2).to(DT) for _ in range(2))
-    configure_devices(split, virtual_devices=4)
-    torch.testing.assert_close(whole(x), split(x))
-    torch.testing.assert_close(whole.estimated_bn.var_hat, split.estimated_bn.var_hat)
+@pytest.mark.parametrize("devices", [1, 2, 4])
+def test_bcn_virtual_devices_update_from_the_global_batch(devices):
+    """Synchronised BCN on K virtual devices is the paper's equations over the global batch,
+    written out here without any notion of devices: outputs, input and parameter gradients (in
+    training and in eval) and mu_hat, var_hat after every step. The slices differ in mean, so
+    estimates from one slice, or per-slice normalization, would show."""
+    gen = torch.Generator().manual_seed(11)
+    r, c, g = 0.3, 6, 2
+    layer = build_norm("bcn", c, groups=g, momentum=r).to(DT)
+    randomize_affine(layer, gen)
+    configure_devices(layer, virtual_devices=devices)
+    ebn, params = layer.estimated_bn, list(layer.parameters())
+    shift = torch.arange(devices, dtype=DT).repeat_interleave(2).view(-1, 1, 1, 1)
+    mu_hat, var_hat = torch.zeros(c, dtype=DT), torch.ones(c, dtype=DT)
+    for training in (True, True, False, True, False):
+        x = torch.randn(devices * 2, c, 3, 2, generator=gen, dtype=DT) * 2 + 3 * shift
+        up = torch.randn(x.shape, generator=gen, dtype=DT)
+        if training:  # the global batch's statistics, the variance around the old estimate
+            flat = x.transpose(0, 1).reshape(c, -1)
+            mu_new = (1 - r) * mu_hat + r * flat.mean(1)
+            var_hat = (1 - r) * var_hat + r * ((flat - mu_hat[:, None]) ** 2).mean(1)
+            mu_hat = mu_new
+
+        def ref(x, mu=mu_hat.view(1, -1, 1, 1), var=var_hat.view(1, -1, 1, 1)):
+            y = ((x - mu) / torch.sqrt(var + layer.eps) * ebn.weight.view(1, -1, 1, 1)
+                 + ebn.bias.view(1, -1, 1, 1))
+            z = gn_reference(y, g, torch.ones(c, dtype=DT), torch.zeros(c, dtype=DT), layer.eps)
+            return (z * layer.weight.repeat_interleave(c // g).view(1, -1, 1, 1)
+                    + layer.bias.repeat_interleave(c // g).view(1, -1, 1, 1))
+        layer.train(training)
+        y, gx, gp = grads(layer, x, params, up)
+        y_ref, gx_ref, gp_ref = grads(ref, x, params, up)
+        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(gx, gx_ref)
+        for a, b in zip(gp, gp_ref):
+            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(ebn.mu_hat, mu_hat)
+        torch.testing.assert_close(ebn.var_hat, var_hat)
 
 
 # ---------------------------------------------------------------- WS

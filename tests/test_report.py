@@ -11,7 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from engine.loop import run
+from wandb_log import read_offline_run
+
+from conftest import ROOT, TINY, make_cfg, run_cli
 
 _spec = importlib.util.spec_from_file_location("report", ROOT / "scripts" / "report.py")
 report = importlib.util.module_from_spec(_spec)
@@ -209,7 +212,8 @@ def test_plot_is_a_png(sweep, tmp_path):
 
 class FakeRun:
     """What wandb.Api().runs() yields, as engine/tracking.py fills it: config is describe() +
-    identity, summary the last logged metrics overwritten by make_summary() minus identity."""
+    identity, summary the last logged metrics overwritten by make_summary() minus identity.
+    test_a_wandb_offline_run_holds_what_the_report_reads checks this against a real run."""
 
     def __init__(self, s, name, state="finished"):
         self.name, self.state = name, state
@@ -266,6 +270,46 @@ def test_a_mistyped_wandb_run_is_skipped(sweep, tmp_path, monkeypatch, capsys):
         f"report: skipping wandb run {runs[0].name}: depth='20' is str; expected an integer",
         f"report: skipping wandb run {runs[1].name}: test_acc='NaN' is str; expected a number"]
     assert len(read_csv(tmp_path / "wb" / "summary.csv")) == len(runs) - 2
+
+
+def test_a_wandb_offline_run_holds_what_the_report_reads(tmp_path, monkeypatch):
+    """A real run logging to wandb offline, read back from the records wandb wrote (what
+    `wandb sync` uploads): its name, group and tags; every config key and summary field
+    report.py --wandb reads, norm.sync_stats among them, equal to the local record; one history
+    row per epoch. The FakeRun above, built from the local summary.json, agrees with it, and
+    report --wandb over the stored run gives the local record's row."""
+    import wandb
+
+    overrides = ["norm=bcn", "norm.sync_stats=false", "trainer.virtual_devices=2"]
+    cfg = make_cfg(*TINY, *overrides, "batch_size_per_device=16", "logger.mode=offline",
+                   "name=wb")
+    run(cfg, tmp_path / "run", overrides=overrides)
+    wandb.teardown()  # stop wandb's service process: its writes are complete after this
+    stored = read_offline_run(tmp_path / "run")
+    local = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (stored.name, stored.group, stored.state) == ("run", "wb", "finished")
+    assert set(stored.tags) == {"resnet8", "bcn", "b16"}
+    read = [k for k in report.COLUMNS if k in local and k not in report.SUMMARY_KEYS]
+    assert {"norm_label", "global_batch", "overrides", "code"} <= set(read)
+    assert {k: stored.config[k] for k in read} == {k: local[k] for k in read}
+    assert stored.config["norm.sync_stats"] is False  # the ablation's column
+    assert {k: stored.config[k] for k in local["identity"]} == local["identity"]
+    assert {k: stored.summary[k] for k in report.SUMMARY_KEYS} == \
+        {k: local[k] for k in report.SUMMARY_KEYS}
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    logged = [h for h in stored.history if "test_acc" in h]
+    assert [(h["epoch"], h["test_acc"], h["images_seen"]) for h in logged] == \
+        [(m["epoch"], m["test_acc"], m["epoch"] * 256) for m in metrics]
+    fake = FakeRun(local, "run")
+    assert {k: stored.config[k] for k in fake.config} == fake.config
+    assert {k: stored.summary[k] for k in report.SUMMARY_KEYS} == \
+        {k: fake.summary[k] for k in report.SUMMARY_KEYS}
+    fake_api(monkeypatch, [stored])
+    remote, skipped = report.load_wandb("me/p", "wb")
+    rows, _ = report.load_local([tmp_path / "run"])
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "run_dir"} for r in rows]  # noqa
+    assert skipped == [] and drop(remote) == drop(rows) and remote[0]["sync_stats"] is False
 
 
 def test_wandb_error_is_one_line(tmp_path, monkeypatch, capsys):
