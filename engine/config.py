@@ -175,10 +175,12 @@ def digest(ident: dict) -> str:
 
 def run_digest(*, _root_) -> str:
     """${run_digest:} in hydra.run.dir: the digest of the config's identity, so different
-    configs never share a default run folder and the same command always finds its own."""
+    configs never share a default run folder and the same command always finds its own. The
+    data's content is only known once loaded, so its path (data.root) stands in for it here;
+    inside the folder the identity compares the data's fingerprint."""
     container = {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
                  for k, v in _root_.items_ex(resolve=False) if k != "hydra"}
-    return digest(identity(container))
+    return digest({**identity(container), "data.root": container["data"]["root"]})
 
 
 def devices_for(global_batch: int, batch_size_per_device: int, devices: int = 1) -> int:

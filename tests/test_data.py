@@ -90,15 +90,16 @@ def save_png(path: Path, img: torch.Tensor) -> None:
     Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
 
 
-def make_image_folder(root: Path, n_train: int = 3, n_test: int = 2, classes=CIFAR10_CLASSES):
+def make_image_folder(root: Path, n_train: int = 3, n_test: int = 2, classes=CIFAR10_CLASSES,
+                      seed: int = 0):
     """train/<class>/NNNN.png (+ test/); classes are written in reverse order on purpose.
     Returns expected (train_images, train_labels, test_images, test_labels) in the loader's
     order: sorted classes, sorted file names."""
     expected = {}
-    for split, n, seed in (("train", n_train, 10), ("test", n_test, 20)):
+    for split, n, base in (("train", n_train, 10 + seed), ("test", n_test, 20 + seed)):
         imgs, labels = [], []
         for ci, cls in enumerate(sorted(classes)):
-            x = rand_images(n, seed + ci)
+            x = rand_images(n, base + ci)
             for j in range(n):
                 imgs.append(x[j])
                 labels.append(ci)

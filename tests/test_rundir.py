@@ -3,6 +3,7 @@ refused or failed run that says so in one line and leaves nothing half-written b
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def test_default_folders_are_named_by_the_identity_and_rerunning_resumes_its_own
     assert len(dirs) == 3 and all(d.name.startswith("resnet8_bn_b32_s0_") for d in dirs)
     assert "already completed" in res.stdout + res.stderr
     digests = {d.name.rsplit("_", 1)[1] for d in dirs}
-    assert digest(identity(make_cfg(*ONE))) in digests
+    assert digest({**identity(make_cfg(*ONE)), "data.root": None}) in digests
     res = run_cli(*ONE, "trainer.num_threads=2", "trainer.check_every=7",
                   "logger.log_every=10", cwd=tmp_path)
     assert "already completed" in res.stdout + res.stderr and len(run_dirs(tmp_path)) == 3
@@ -255,3 +256,25 @@ def test_sweep_jobs_over_data_roots_get_their_own_folders(tmp_path):
     names = [p.parent.name for p in (tmp_path / "multirun").rglob("summary.json")]
     assert sorted(part for n in names for part in n.split(",") if part.startswith("data.root=")) \
         == ["data.root=a", "data.root=b"]
+
+
+def test_the_data_not_its_path_is_the_runs_identity(tmp_path):
+    """The same images under another path resume the run; other images are refused, naming
+    the fingerprint."""
+    from test_data import make_image_folder
+
+    make_image_folder(tmp_path / "a", n_train=10, n_test=3)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    make_image_folder(tmp_path / "c", n_train=10, n_test=3, seed=99)
+    args = ("data=cifar10", "data.download=false", f"data.cache_dir={tmp_path / 'cache'}",
+            "model.depth=8", "batch_size_per_device=10", "trainer.epochs=1",
+            "logger.mode=disabled", "trainer.num_threads=1", "hydra.run.dir=run")
+    first = run_cli(*args, f"data.root={tmp_path / 'a'}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    fingerprint = json.loads((tmp_path / "run" / "summary.json").read_text())["identity"][
+        "data.fingerprint"]
+    moved = run_cli(*args, f"data.root={tmp_path / 'b'}", cwd=tmp_path)
+    assert moved.returncode == 0 and "already completed" in moved.stdout + moved.stderr
+    other = run_cli(*args, f"data.root={tmp_path / 'c'}", cwd=tmp_path)
+    assert other.returncode == 2 and other.stderr.count("\n") == 1
+    assert f"data.fingerprint: '{fingerprint}' there, '" in other.stderr
