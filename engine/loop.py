@@ -266,7 +266,7 @@ def train_epoch(net, optimizer, scheduler, batches: GlobalBatches, epoch: int, p
                     and i >= next_log:
                 window = log_window(tracker, window, totals.tolist(), seen * proc.world_size,
                                     epoch, i, len(batches), g, scheduler.get_last_lr()[0])
-                next_log += log_every * ((i - next_log) // log_every + 1)
+                next_log = (i // log_every + 1) * log_every  # the next boundary after i
         if bar is not None:
             bar.update(1)
     return sums[0], sums[1], torch.tensor(seen, device=proc.device)

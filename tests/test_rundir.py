@@ -142,22 +142,26 @@ def test_durable_writes_leave_the_old_file_or_the_new_one(tmp_path):
     assert len(names) == 2 and path.read_bytes() == b"new"  # unique temporary names
 
 
-@pytest.mark.parametrize("damage", ["empty", "wrong structure", "wrong model"])
+@pytest.mark.parametrize("damage", ["empty", "wrong types", "wrong model"])
 def test_a_damaged_checkpoint_is_one_line_naming_it_and_is_kept(tmp_path, damage):
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
-    ckpt.parent.mkdir(parents=True)
     if damage == "empty":
+        ckpt.parent.mkdir(parents=True)
         ckpt.write_bytes(b"")
-    else:  # hand-made: every key there, of this run's identity, but not what training wrote
-        state = {k: {} for k in checkpoint.KEYS} | {"identity": identity(make_cfg(*ONE))}
-        state |= ({"epoch": "one", "history": {}} if damage == "wrong structure"
-                  else {"epoch": 1, "history": [], "elapsed_s": 1.0,
-                        "model": {"w": torch.zeros(1)}})
+    else:  # this run's own checkpoint (its summary gone), edited by hand
+        assert run_cli(*ONE, "hydra.run.dir=run", cwd=tmp_path).returncode == 0
+        (tmp_path / "run" / "summary.json").unlink()
+        state = torch.load(ckpt, weights_only=True)
+        if damage == "wrong types":  # model and optimizer fit: only the types are wrong
+            state |= {"epoch": "one", "history": {}}
+        else:
+            state["model"] = {"w": torch.zeros(1)}
         torch.save(state, ckpt)
     data = ckpt.read_bytes()
     res = run_cli(*ONE, "hydra.run.dir=run", cwd=tmp_path)
     assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
-    assert res.stderr.startswith(f"error: checkpoint {ckpt}")
+    assert res.stderr.startswith(f"error: checkpoint {ckpt.resolve()}")
+    assert ("epoch is a str, history is a dict" in res.stderr) == (damage == "wrong types")
     assert ckpt.read_bytes() == data
 
 
