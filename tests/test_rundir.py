@@ -131,15 +131,20 @@ def test_durable_writes_leave_the_old_file_or_the_new_one(tmp_path):
     with pytest.raises(OSError):
         write_durably(path, fails)
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
-    names = set()
-    real = os.replace
-    os.replace = lambda a, b: (names.add(Path(a).name), real(a, b))[1]
+    names, synced = set(), []
+    real_replace, real_fsync = os.replace, os.fsync
+    os.replace = lambda a, b: (names.add(Path(a).name), real_replace(a, b))[1]
+    os.fsync = lambda fd: (synced.append(os.path.realpath(f"/proc/self/fd/{fd}")),
+                           real_fsync(fd))[1]
     try:
         for _ in range(2):
             write_durably(path, lambda f: f.write(b"new"))
     finally:
-        os.replace = real
+        os.replace, os.fsync = real_replace, real_fsync
     assert len(names) == 2 and path.read_bytes() == b"new"  # unique temporary names
+    # each time: the temporary file before its rename, then the folder after it
+    assert [Path(p).parent == tmp_path and Path(p).name.endswith(".tmp") for p in synced[::2]] \
+        == [True, True] and synced[1::2] == [str(tmp_path)] * 2
 
 
 @pytest.mark.parametrize("damage", ["empty", "wrong types", "wrong model"])
