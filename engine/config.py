@@ -180,6 +180,11 @@ def run_digest(*, _root_) -> str:
     inside the folder the identity compares the data's fingerprint."""
     container = {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
                  for k, v in _root_.items_ex(resolve=False) if k != "hydra"}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and container["trainer"]["devices"] == 1:
+        # under torchrun the launcher sets the number of devices (train.py does the same to
+        # the config): the same job as trainer.devices=N, the same folder
+        container["trainer"]["devices"] = world
     return digest({**identity(container), "data.root": container["data"]["root"]})
 
 

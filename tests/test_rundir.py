@@ -287,3 +287,16 @@ def test_the_data_not_its_path_is_the_runs_identity(tmp_path):
     other = run_cli(*args, f"data.root={tmp_path / 'c'}", cwd=tmp_path)
     assert other.returncode == 2 and other.stderr.count("\n") == 1
     assert f"data.fingerprint: '{fingerprint}' there, '" in other.stderr
+
+
+def test_a_torchrun_job_has_the_folder_of_the_same_self_launched_job(monkeypatch):
+    """torchrun sets the number of devices, not the config: the folder follows the job."""
+    from engine.config import run_digest
+    from omegaconf import OmegaConf
+
+    def folder_digest(*overrides):
+        return run_digest(_root_=OmegaConf.create(OmegaConf.to_container(make_cfg(*overrides))))
+    self_launched = folder_digest(*ONE, "trainer.devices=2")
+    single = folder_digest(*ONE)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert folder_digest(*ONE) == self_launched != single
