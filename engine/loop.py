@@ -464,6 +464,17 @@ def save_epoch(record: RunRecord, state: dict, history: list[dict],
             "the same command to resume") from None
 
 
+def warn_unreached_schedule(cfg: DictConfig, total_steps: int) -> None:
+    """A step schedule that starts after the run ends is legal but rarely meant: BRN with the
+    paper's 5,000 steps on a 1,248-step run is plain BN throughout. Say so before training."""
+    start = norm_options(cfg, total_steps).get("renorm_from")
+    if start is not None and start >= total_steps:
+        log.warning("norm.renorm_from=%s is at or after this run's last optimizer step (%d): "
+                    "%s keeps r = 1 (and d = 0) throughout; norm.schedule_unit=run gives the "
+                    "schedule as fractions of the run", cfg.norm.renorm_from, total_steps,
+                    cfg.norm.name)
+
+
 def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
           state: dict | None, proc: Process) -> dict:
     """Build the model and optimizer, restore `state` if any, train the remaining epochs
@@ -479,6 +490,7 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
                         num_classes=len(data.classes),
                         zero_init_residual=cfg.model.zero_init_residual,
                         **norm_options(cfg, total_steps=t.epochs * steps))
+    warn_unreached_schedule(cfg, t.epochs * steps)
     model.to(proc.device, memory_format=torch.channels_last if t.channels_last
              else torch.preserve_format)
     configure_devices(model, t.virtual_devices, proc.group, t.accumulate)

@@ -486,3 +486,17 @@ def test_probes_during_training_leave_the_run_unchanged(tmp_path):
     a = checkpoint.load(tmp_path / "plain/checkpoints/last.pt")["model"]
     b = checkpoint.load(tmp_path / "probed/checkpoints/last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("overrides, warned", [
+    (["norm=brn"], True),                       # the paper's 5,000 steps > a 384-step run
+    (["norm=brn", *BRN_IN_RUN], False),
+    (["norm=mabn", "norm.renorm_from=383"], False),
+    (["norm=mabn", "norm.renorm_from=384"], True),
+    (["norm=bn"], False)])
+def test_a_schedule_that_starts_after_the_run_is_announced(caplog, overrides, warned):
+    cfg = make_cfg(*TINY, *overrides)
+    validate(cfg)
+    with caplog.at_level(logging.WARNING, logger=loop.log.name):
+        loop.warn_unreached_schedule(cfg, total_steps=384)
+    assert ("keeps r = 1" in caplog.text) == warned, caplog.text
