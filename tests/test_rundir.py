@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import checkpoint
+from engine import checkpoint, loop
 from engine.config import digest, identity
 from engine.rundir import RunLock, RunLocked, write_durably
 
@@ -197,12 +197,18 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_good_one(tmp_p
     assert resumed.returncode == 0 and "from epoch 1" in resumed.stdout + resumed.stderr
 
 
+def sigint_as_at_a_terminal():
+    """The child's Ctrl-C as in a terminal: a suite started in the background by a shell
+    without job control (`cmd &`) inherits SIGINT ignored, and so would every child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tmp_path):
     args = [*TINY, "data.train_size=4096", "trainer.epochs=3", "hydra.run.dir=run"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=sigint_as_at_a_terminal)
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
     deadline = time.time() + 240
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
@@ -217,13 +223,50 @@ def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tmp_path):
     assert res.returncode == 0 and f"from epoch {epoch}" in res.stdout + res.stderr
 
 
+class PressesCtrlC:
+    """An object whose finalizer gets the Ctrl-C: Python prints "Exception ignored in ..." and
+    drops the KeyboardInterrupt raised there."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs here, inside the finalizer
+
+
+@pytest.fixture
+def terminal_sigint():
+    """Python's Ctrl-C handler in this process, whatever started the suite; restored after."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_ctrl_c_swallowed_by_a_finalizer_still_stops_the_run(tmp_path, monkeypatch,
+                                                               terminal_sigint):
+    save_epoch, dropped = loop.save_epoch, []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: dropped.append(u.exc_type))
+
+    def save_then_drop(record, state, *args):
+        save_epoch(record, state, *args)
+        if state["epoch"] == 1:
+            PressesCtrlC()  # made and finalized at once
+
+    monkeypatch.setattr(loop, "save_epoch", save_then_drop)
+    cfg = make_cfg(*TINY, "trainer.epochs=3")
+    with pytest.raises(loop.Interrupted, match="resume from epoch 1 "):
+        loop.run(cfg, tmp_path)
+    assert dropped == [KeyboardInterrupt]  # it did land in the finalizer, and was dropped
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["epoch"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_a_ddp_parent_is_one_line(tmp_path, signum):
     args = [*TINY, "data.train_size=4096", "trainer.epochs=3", "trainer.devices=2",
             "hydra.run.dir=run"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_at_a_terminal)
     deadline = time.time() + 240
     while not (tmp_path / "run" / "config.yaml").exists() and time.time() < deadline:
         time.sleep(0.05)
