@@ -35,10 +35,11 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, **kwargs) -> subprocess
 
 
 def assert_ran_at_once(run_dirs) -> None:
-    """The sweep jobs' lifetimes overlap: each job starts training (its record's config.yaml
-    is written) before every other one ends (summary.json written). Jobs run one after another
-    fail."""
-    spans = [((d / "config.yaml").stat().st_mtime, (d / "summary.json").stat().st_mtime)
+    """The sweep jobs' lifetimes overlap: each job starts (takes its folder's lock, the first
+    thing a job writes) before every other one ends (summary.json written). Jobs run one after
+    another fail. (The start of training, config.yaml, was too late a mark: a tiny job's
+    training can be shorter than the skew of two DDP jobs' start-ups.)"""
+    spans = [((d / ".lock").stat().st_mtime, (d / "summary.json").stat().st_mtime)
              for d in run_dirs]
     assert len(spans) >= 2 and max(s for s, _ in spans) < min(e for _, e in spans), spans
 
