@@ -173,6 +173,11 @@ def digest(ident: dict) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:8]
 
 
+def world_size_from_env() -> int:
+    """The number of processes a launcher (torchrun) started; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def run_digest(*, _root_) -> str:
     """${run_digest:} in hydra.run.dir: the digest of the config's identity, so different
     configs never share a default run folder and the same command always finds its own. The
@@ -180,7 +185,7 @@ def run_digest(*, _root_) -> str:
     inside the folder the identity compares the data's fingerprint."""
     container = {k: (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v)
                  for k, v in _root_.items_ex(resolve=False) if k != "hydra"}
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = world_size_from_env()
     if world > 1 and container["trainer"]["devices"] == 1:
         # under torchrun the launcher sets the number of devices (train.py does the same to
         # the config): the same job as trainer.devices=N, the same folder

@@ -23,14 +23,11 @@ import torch.distributed as dist
 from torch.distributed.rendezvous import rendezvous
 from omegaconf import OmegaConf
 
+from .config import world_size_from_env
 from .loop import Interrupted, Process, pick_device
 
 log = logging.getLogger("microbatch")
 _STANDARD_METHODS = ("spawn", "fork", "forkserver")
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_process(device: str, timeout_s: float) -> Process:

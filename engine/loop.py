@@ -372,17 +372,15 @@ class CtrlC:
     """SIGINT raises KeyboardInterrupt as usual, and is remembered: Python drops an exception
     raised inside a finalizer ("Exception ignored in ..."), so a Ctrl-C landing in one would let
     the run go on to its end; `check()` at each epoch's end raises it then. Installed only in
-    the main thread over Python's default handler (not over a launcher's own); restored on
-    exit."""
+    the main thread over Python's default handler (not over a launcher's own)."""
 
     def __init__(self):
         self.pressed, self.previous = False, None
 
-    def __enter__(self) -> "CtrlC":
+    def install(self) -> None:
         if (threading.current_thread() is threading.main_thread()
                 and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
             self.previous = signal.signal(signal.SIGINT, self._pressed)
-        return self
 
     def _pressed(self, signum, frame):
         self.pressed = True
@@ -392,7 +390,7 @@ class CtrlC:
         if self.pressed:
             raise KeyboardInterrupt
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
 
@@ -561,69 +559,71 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
 
     status, started = "completed", time.perf_counter() - elapsed0
     epoch = first_epoch
-    with CtrlC() as ctrl_c:
-        try:
-            for epoch in range(first_epoch, t.epochs):
-                show = proc.is_main and t.progress and sys.stderr.isatty()
-                bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
-                           disable=not show, dynamic_ncols=True) if show else None
-                tic = time.perf_counter()
-                sums = train_epoch(net, optimizer, scheduler, batches, epoch, proc, step,
-                                   t.check_every, bar, tracker, cfg.logger.log_every)
-                train_time = time.perf_counter() - tic
-                if bar is not None:
-                    bar.close()
-                loss_sum, correct, seen = (reduce_sum(s.double(), proc) for s in sums)
-                train_loss = (loss_sum / seen).item()
-                if not math.isfinite(train_loss):
-                    status = "diverged"
-                    log.warning("epoch %d: non-finite training loss; stopping (status diverged)",
-                                epoch + 1)
-                    break
-                sync_buffers(model, proc)
-                test_loss, test_acc = evaluate(model, data.test, data.mean, data.std,
-                                               cfg.data.eval_batch_size, proc, step.memory_format)
-                metrics = {"epoch": epoch + 1, "train_loss": train_loss,
-                           "train_acc": 100.0 * (correct / seen).item(), "test_loss": test_loss,
-                           "test_acc": test_acc, "lr": scheduler.get_last_lr()[0],
-                           "images_per_sec": seen.item() / train_time,
-                           "elapsed_s": time.perf_counter() - started}
-                history.append(metrics)
-                if t.probe_every and (epoch + 1) % t.probe_every == 0 and proc.is_main:
-                    probes = probe(model, data.test, data.mean, data.std, t.virtual_devices,
-                                   t.accumulate, proc)
-                    probe_history.append({"epoch": epoch + 1, **probes})
-                    tracker.log({"epoch": epoch + 1, **{f"probe/{k}": v for k, v in probes.items()
-                                                        if isinstance(v, float)}})
-                if proc.is_main:
-                    scaler = {} if step.scaler is None else {"scaler": step.scaler.state_dict()}
-                    save_epoch(record, {
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch + 1, "history": history, "probes": probe_history,
-                        "elapsed_s": metrics["elapsed_s"], "identity": ident, **scaler},
-                        history, probe_history)
-                tracker.log({**metrics, "images_seen": (epoch + 1) * steps * g})
-                log.info("epoch %d/%d  train loss %.4f acc %.2f | test loss %.4f acc %.2f | "
-                         "%.0f img/s", epoch + 1, t.epochs, train_loss, metrics["train_acc"],
-                         test_loss, test_acc, metrics["images_per_sec"])
-                ctrl_c.check()  # a Ctrl-C that a finalizer swallowed
-            summary = make_summary(status, history, time.perf_counter() - started, info, ident)
+    ctrl_c = CtrlC()
+    try:
+        ctrl_c.install()
+        for epoch in range(first_epoch, t.epochs):
+            show = proc.is_main and t.progress and sys.stderr.isatty()
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
+                       disable=not show, dynamic_ncols=True) if show else None
+            tic = time.perf_counter()
+            sums = train_epoch(net, optimizer, scheduler, batches, epoch, proc, step,
+                               t.check_every, bar, tracker, cfg.logger.log_every)
+            train_time = time.perf_counter() - tic
+            if bar is not None:
+                bar.close()
+            loss_sum, correct, seen = (reduce_sum(s.double(), proc) for s in sums)
+            train_loss = (loss_sum / seen).item()
+            if not math.isfinite(train_loss):
+                status = "diverged"
+                log.warning("epoch %d: non-finite training loss; stopping (status diverged)",
+                            epoch + 1)
+                break
+            sync_buffers(model, proc)
+            test_loss, test_acc = evaluate(model, data.test, data.mean, data.std,
+                                           cfg.data.eval_batch_size, proc, step.memory_format)
+            metrics = {"epoch": epoch + 1, "train_loss": train_loss,
+                       "train_acc": 100.0 * (correct / seen).item(), "test_loss": test_loss,
+                       "test_acc": test_acc, "lr": scheduler.get_last_lr()[0],
+                       "images_per_sec": seen.item() / train_time,
+                       "elapsed_s": time.perf_counter() - started}
+            history.append(metrics)
+            if t.probe_every and (epoch + 1) % t.probe_every == 0 and proc.is_main:
+                probes = probe(model, data.test, data.mean, data.std, t.virtual_devices,
+                               t.accumulate, proc)
+                probe_history.append({"epoch": epoch + 1, **probes})
+                tracker.log({"epoch": epoch + 1, **{f"probe/{k}": v for k, v in probes.items()
+                                                    if isinstance(v, float)}})
             if proc.is_main:
-                record.write_summary(summary)
-            tracker.finish({k: v for k, v in summary.items() if k != "identity"})
-        except KeyboardInterrupt:
-            tracker.finish(exit_code=130)
-            raise Interrupted(f"interrupted; re-run the same command to resume from epoch "
-                              f"{len(history)} ({record.checkpoint})" if history else
-                              "interrupted before the first checkpoint; re-run the same command to "
-                              "start again") from None
-        except BaseException:
-            tracker.finish(exit_code=1)
-            raise
-        finally:
-            if proc.is_main:
-                record.detach_log()
+                scaler = {} if step.scaler is None else {"scaler": step.scaler.state_dict()}
+                save_epoch(record, {
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1, "history": history, "probes": probe_history,
+                    "elapsed_s": metrics["elapsed_s"], "identity": ident, **scaler},
+                    history, probe_history)
+            tracker.log({**metrics, "images_seen": (epoch + 1) * steps * g})
+            log.info("epoch %d/%d  train loss %.4f acc %.2f | test loss %.4f acc %.2f | "
+                     "%.0f img/s", epoch + 1, t.epochs, train_loss, metrics["train_acc"],
+                     test_loss, test_acc, metrics["images_per_sec"])
+            ctrl_c.check()  # a Ctrl-C that a finalizer swallowed
+        summary = make_summary(status, history, time.perf_counter() - started, info, ident)
+        if proc.is_main:
+            record.write_summary(summary)
+        tracker.finish({k: v for k, v in summary.items() if k != "identity"})
+    except KeyboardInterrupt:
+        tracker.finish(exit_code=130)
+        raise Interrupted(f"interrupted; re-run the same command to resume from epoch "
+                          f"{len(history)} ({record.checkpoint})" if history else
+                          "interrupted before the first checkpoint; re-run the same command to "
+                          "start again") from None
+    except BaseException:
+        tracker.finish(exit_code=1)
+        raise
+    finally:
+        ctrl_c.restore()
+        if proc.is_main:
+            record.detach_log()
     return summary
 
 

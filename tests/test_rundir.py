@@ -121,7 +121,7 @@ def test_run_lock_in_one_process(tmp_path):
         RunLock(tmp_path / "c").acquire()
 
 
-def test_durable_writes_leave_the_old_file_or_the_new_one(tmp_path):
+def test_durable_writes_leave_the_old_file_or_the_new_one(tmp_path, monkeypatch):
     path = tmp_path / "f.json"
     write_durably(path, lambda f: f.write(b"old"))
 
@@ -133,14 +133,13 @@ def test_durable_writes_leave_the_old_file_or_the_new_one(tmp_path):
     assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
     names, synced = set(), []
     real_replace, real_fsync = os.replace, os.fsync
-    os.replace = lambda a, b: (names.add(Path(a).name), real_replace(a, b))[1]
-    os.fsync = lambda fd: (synced.append(os.path.realpath(f"/proc/self/fd/{fd}")),
-                           real_fsync(fd))[1]
-    try:
-        for _ in range(2):
-            write_durably(path, lambda f: f.write(b"new"))
-    finally:
-        os.replace, os.fsync = real_replace, real_fsync
+    monkeypatch.setattr(os, "replace",
+                        lambda a, b: (names.add(Path(a).name), real_replace(a, b))[1])
+    monkeypatch.setattr(os, "fsync", lambda fd: (
+        synced.append(os.path.realpath(f"/proc/self/fd/{fd}")), real_fsync(fd))[1])
+    for _ in range(2):
+        write_durably(path, lambda f: f.write(b"new"))
+    monkeypatch.undo()
     assert len(names) == 2 and path.read_bytes() == b"new"  # unique temporary names
     # each time: the temporary file before its rename, then the folder after it
     assert [Path(p).parent == tmp_path and Path(p).name.endswith(".tmp") for p in synced[::2]] \
