@@ -232,3 +232,55 @@ def test_composition_preflight_checks_every_sweep_value():
 def test_accumulation_with_cross_device_statistics_is_warned(caplog, norm, warned):
     validate(make_cfg(f"norm={norm}", "trainer.accumulate=4", "batch_size_per_device=8"))
     assert ("cross-device statistics cover one micro-batch" in caplog.text) == warned
+
+
+def _queue_cells(study: str) -> list[list[str]]:
+    """The cells scripts/microbatch_study.sh queues for STUDY, as its DRY_RUN prints them:
+    [folder, override, ...] per cell, in queue order."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+    env = {**os.environ, "STUDY": study, "DRY_RUN": "1", "CIFAR10_ROOT": "/data/cifar10"}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "microbatch_study.sh"), "/q"],
+                         env={**env, "JOBS": "1"}, capture_output=True, text=True, check=True)
+    return [line.split() for line in out.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("study", ["short", "long"])
+def test_every_queued_cell_of_the_study_composes_and_validates(study):
+    cells = _queue_cells(study)
+    folders = [c[0] for c in cells]
+    assert len(set(folders)) == len(folders), "two cells share a folder"
+    for folder, *overrides in cells:
+        cfg = make_cfg(*overrides)
+        validate(cfg)
+        assert global_batch(cfg) == 64 and cfg.data.root == "/data/cifar10"
+        assert not cfg.data.download and cfg.trainer.num_threads == 1
+    if study == "short":
+        assert len(cells) == 91
+        assert (cfg.trainer.epochs, cfg.data.train_subset) == (4, 20000)
+
+
+def test_the_long_study_queues_its_cells_in_the_issues_order_on_the_long_schedule():
+    cells = {c[0].removeprefix("/q/"): make_cfg(*c[1:]) for c in _queue_cells("long")}
+    order = list(cells)
+    # the calibration cells first, then every method at b = 1 before anything else
+    assert order[:2] == ["resnet20/bn_b64_s0", "resnet20/bcn_ws_b1_s0"]
+    assert {f.split("/")[1] for f in order[:9]} == {
+        "bn_b1_s0", "bn_b2_s0", "bn_b64_s0", "bcn_ws_b1_s0", "gn_b1_s0", "mabn_b1_s0",
+        "evonorm_s0_b1_s0", "frn_b1_s0", "brn_b1_s0"}
+    assert order[-3:] == ["vgg11/bn_b64_s0", "vgg11/bn_b1_s0", "vgg11/bcn_ws_b1_s0"]
+    assert len(order) == 34
+    for folder, cfg in cells.items():
+        epochs = 40 if folder.endswith("_e40") else 20
+        assert (cfg.trainer.epochs, cfg.data.train_subset, cfg.name) == (epochs, 0,
+                                                                         "microbatch_long")
+        steps = 50000 // 64 * epochs
+        opts = norm_options(cfg, steps)
+        if cfg.norm.name == "brn":  # the paper's start; r_max at the run's end, d_max 4/7 there
+            assert (opts["renorm_from"], opts["r_max_at"]) == (5000, steps)
+            assert opts["d_max_at"] == 5000 + (steps - 5000) * 4 // 7
+        if cfg.norm.name == "mabn":
+            assert opts["renorm_from"] == 100
+    assert sum(f.endswith("_e40") for f in cells) == 4
