@@ -13,7 +13,8 @@ summary.csv files), typically a short and a long study together. Writes to DIR:
                   row of a summary.csv has none), one panel per model
 
 A schedule is a number of epochs (the short study: 4 epochs on 20k images; the long one: 20 and
-40 epochs on all 50k). --select keeps the cells whose name, e.g. "resnet20 bcn_ws b=1", matches.
+40 epochs on all 50k). --select keeps the cells whose name, e.g. "resnet20 bcn_ws b=1", matches;
+--min-schedules N keeps in the table the cells run on at least N schedules.
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def ranks(by_label: dict, b: int) -> dict[str, int]:
     return {lab: i for i, (_, lab) in enumerate(order, 1)}
 
 
-def convergence_table(rows: list[dict]) -> str:
-    """Markdown, per model: a row per cell (label, b), a column group per schedule."""
+def convergence_table(rows: list[dict], min_schedules: int = 1) -> str:
+    """Markdown, per model: a row per cell (label, b) run on at least `min_schedules`
+    schedules, a column group per schedule (ranks count every method on it)."""
     schedules = by_schedule(rows)
     stats = {}  # (model, depth) -> epochs -> (by_label, bn64, ranks per b)
     for epochs, sched_rows in schedules.items():
@@ -73,6 +75,8 @@ def convergence_table(rows: list[dict]) -> str:
                  f"{eps[0]}- to the {eps[-1]}-epoch schedule.", "",
                  f"| norm | b | {header} | Δgap |", "|:--|--:|" + "--:|--:|--:|" * len(eps) + "--:|"]
         for lab, b in sorted(cells, key=lambda c: (c[1], c[0])):
+            if sum(b in per_epochs[e][0].get(lab, {}) for e in eps) < min_schedules:
+                continue
             cols, gaps = [], []
             for e in eps:
                 by_label, bn64, rank = per_epochs[e]
@@ -130,6 +134,8 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RUNS",
                         help="run folders, folders above them, or earlier summary.csv files")
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--min-schedules", type=int, default=1, metavar="N",
+                        help="the table keeps the cells run on at least N schedules")
     parser.add_argument("--select", default="", metavar="REGEX",
                         help='keep cells whose name (e.g. "resnet20 bcn_ws b=1") matches')
     args = parser.parse_args(argv)
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
         print(f"convergence: no finished run matches in {', '.join(args.runs)}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    table = convergence_table(rows)
+    table = convergence_table(rows, args.min_schedules)
     (args.out / "convergence.md").write_text(table)
     lines = plot_curves(rows, args.out / "curves.png")
     print(table, end="")

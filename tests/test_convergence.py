@@ -63,6 +63,17 @@ def test_the_table_gives_each_cell_on_each_schedule_with_its_gap_rank_and_change
     assert rows[("bn", "1")] == ["80.00 (n=1)", "+47.00", "3", "70.00 (n=1)", "+56.00", "3",
                                  "+9.00"]
     assert (out / "curves.png").stat().st_size > 10_000
+    # bn, bcn_ws and gn ran on both schedules; a cell only on one drops out with N = 2
+    assert convergence.main([str(study), "--out", str(out), "--min-schedules", "2"]) == 0
+    assert set(rows_of((out / "convergence.md").read_text())) == set(rows)
+    extra = make_summary("resnet", 20, "ln", False, True, 1, 0, "completed", 40.0, 4)
+    (study / "e4" / "ln_b1_s0").mkdir()
+    (study / "e4" / "ln_b1_s0" / "summary.json").write_text(json.dumps(extra))
+    assert convergence.main([str(study), "--out", str(out), "--min-schedules", "2"]) == 0
+    assert set(rows_of((out / "convergence.md").read_text())) == set(rows)
+    assert convergence.main([str(study), "--out", str(out)]) == 0
+    assert rows_of((out / "convergence.md").read_text())[("ln", "1")][:3] == [
+        "60.00 (n=1)", "+27.00", "3"]
 
 
 def test_curves_come_from_each_runs_metrics_and_select_keeps_matching_cells(study, tmp_path,
