@@ -3,8 +3,10 @@ gn, ln, in, bcn, none, each with and without WS) gives the losses and eval outpu
 the code before the seam (commit 56047f2), on VGG-11, ResNet-20 and ResNet-18.
 
 `python tests/test_seam.py` rewrites the record (only ever from code known to be right).
-The record holds float64 hex strings: on the machine and torch build that wrote it the test
-demands bit equality; elsewhere (another CPU's kernels sum in another order) 1e-6 relative.
+The record holds float64 hex strings: on the CPU model and torch build that wrote it the test
+demands bit equality; elsewhere 1e-5 relative, because another CPU generation's kernels block
+and sum in another order (a Zen 4 host differed from the Zen 5 one that wrote the record by up to
+a few float32 ulps after three steps, in every case).
 """
 from __future__ import annotations
 
@@ -52,9 +54,21 @@ def run(model_key: str, norm: str, ws: bool, steps: int = 3) -> list[float]:
     return losses
 
 
+def cpu_identity() -> str:
+    """Vendor, family, model and stepping: what decides the CPU kernels' blocking (Linux)."""
+    keys = ("vendor_id", "cpu family", "model", "stepping")
+    try:
+        lines = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+    except OSError:
+        return platform.processor()
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    return " ".join(fields.get(k, "?") for k in keys)
+
+
 def environment() -> dict:
-    return {"torch": torch.__version__, "machine": platform.machine(),
-            "processor": platform.processor(), "threads": 1}
+    return {"torch": torch.__version__, "machine": platform.machine(), "cpu": cpu_identity(),
+            "capability": torch.backends.cpu.get_cpu_capability(), "threads": 1}
 
 
 CASES = [(m, n, ws) for m in MODELS for n in NORMS for ws in (False, True)]
@@ -73,7 +87,7 @@ def test_existing_norms_give_the_recorded_numbers(model_key, norm, ws):
     if record["environment"] == environment():
         assert [v.hex() for v in got] == [v.hex() for v in expected]
     else:
-        assert got == pytest.approx(expected, rel=1e-6, nan_ok=True)
+        assert got == pytest.approx(expected, rel=1e-5, nan_ok=True)
 
 
 if __name__ == "__main__":
