@@ -602,7 +602,8 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
                     "epoch": epoch + 1, "history": history, "probes": probe_history,
                     "elapsed_s": metrics["elapsed_s"], "identity": ident, **scaler},
                     history, probe_history)
-            tracker.log({**metrics, "images_seen": (epoch + 1) * steps * g})
+            tracker.log({**metrics, "test_error": 100.0 - test_acc,  # what the study plots
+                         "images_seen": (epoch + 1) * steps * g})
             log.info("epoch %d/%d  train loss %.4f acc %.2f | test loss %.4f acc %.2f | "
                      "%.0f img/s", epoch + 1, t.epochs, train_loss, metrics["train_acc"],
                      test_loss, test_acc, metrics["images_per_sec"])
