@@ -24,6 +24,9 @@
 # skipped, interrupted ones continue from their last epoch's checkpoint. Norms that cannot
 # depend on b (gn, ln, in, synchronised bcn) get only a few b values. LOGGER sets logger.mode
 # (default disabled). DRY_RUN=1 prints each cell's folder and overrides instead of running it.
+# COMMITTED names a folder of records already in the repository, laid out like OUT (default for
+# STUDY=long: results/microbatch_long/runs): a cell whose summary.json there says "completed"
+# is skipped, so a study that spans sessions (each with a fresh OUT) never re-runs a landed cell.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 STUDY=${STUDY:-short}
@@ -35,6 +38,8 @@ case "$STUDY" in
   *) echo "STUDY=$STUDY: allowed: short, long" >&2; exit 2 ;;
 esac
 OUT=$(realpath -m "${1:-$DEFAULT_OUT}")
+[ "$STUDY" = long ] && DEFAULT_COMMITTED=$HERE/results/microbatch_long/runs
+export COMMITTED=${COMMITTED:-${DEFAULT_COMMITTED:-}}
 export PY=${PYTHON:-$HERE/.venv/bin/python} HERE OUT STUDY
 : "${CIFAR10_ROOT:?set CIFAR10_ROOT to the CIFAR-10 data (pickles, image folder or .tar.gz)}"
 export COMMON="$SCHEDULE data.root=$CIFAR10_ROOT data.download=false trainer.num_threads=1
@@ -130,6 +135,9 @@ run_cell() {  # one folder per cell: OUT/resnet20/bn_b1_s0, OUT/resnet20/bcn_ws_
   local dir
   dir="$OUT/$(sed -e 's/model=//; s/ model.depth=//; s/ norm=/\//; s/ norm.sync_stats=false/_private/' \
                   -e 's/ batch_size_per_device=/_b/; s/ seed=/_s/; s/ trainer.epochs=/_e/' <<< "$*")"
+  if [ -n "$COMMITTED" ] && grep -qs '"status": "completed"' "$COMMITTED/${dir#"$OUT"/}/summary.json"; then
+    echo "committed ${dir#"$OUT"/} ($COMMITTED)" >&2; return
+  fi
   if [ -n "${DRY_RUN:-}" ]; then
     echo "$dir" $COMMON "$@" $(study_overrides "$@"); return
   fi

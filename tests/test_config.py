@@ -1,4 +1,5 @@
 """Config composition (Hydra compose API) and validation: every bad input is one clear line."""
+import json
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
@@ -234,17 +235,30 @@ def test_accumulation_with_cross_device_statistics_is_warned(caplog, norm, warne
     assert ("cross-device statistics cover one micro-batch" in caplog.text) == warned
 
 
-def _queue_cells(study: str) -> list[list[str]]:
+def _queue_cells(study: str, committed: str = "/nonexistent") -> list[list[str]]:
     """The cells scripts/microbatch_study.sh queues for STUDY, as its DRY_RUN prints them:
-    [folder, override, ...] per cell, in queue order."""
+    [folder, override, ...] per cell, in queue order (none committed unless `committed` says)."""
     import os
     import subprocess
 
     from conftest import ROOT
-    env = {**os.environ, "STUDY": study, "DRY_RUN": "1", "CIFAR10_ROOT": "/data/cifar10"}
+    env = {**os.environ, "STUDY": study, "DRY_RUN": "1", "CIFAR10_ROOT": "/data/cifar10",
+           "COMMITTED": committed}
     out = subprocess.run(["bash", str(ROOT / "scripts" / "microbatch_study.sh"), "/q"],
                          env={**env, "JOBS": "1"}, capture_output=True, text=True, check=True)
     return [line.split() for line in out.stdout.splitlines()]
+
+
+def test_the_queue_skips_cells_whose_committed_record_is_complete(tmp_path):
+    """A study spanning sessions: a landed cell is not run again; an unfinished one is."""
+    for cell, status in (("resnet20/bn_b64_s0", "completed"), ("resnet20/bn_b1_s0", "completed"),
+                         ("resnet20/gn_b1_s0", "interrupted")):
+        (tmp_path / cell).mkdir(parents=True)
+        (tmp_path / cell / "summary.json").write_text(json.dumps({"status": status}, indent=1))
+    every = [c[0].removeprefix("/q/") for c in _queue_cells("long")]
+    left = [c[0].removeprefix("/q/") for c in _queue_cells("long", str(tmp_path))]
+    assert left == [c for c in every if c not in ("resnet20/bn_b64_s0", "resnet20/bn_b1_s0")]
+    assert "resnet20/gn_b1_s0" in left and "resnet20/bn_b64_s0_e40" in left
 
 
 @pytest.mark.parametrize("study", ["short", "long"])
