@@ -6,8 +6,8 @@ process arrives here and joins the group torchrun set up.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -77,10 +77,12 @@ def fail(error, status: int, run_dir: Path, fresh: bool) -> None:
 
 def remove_if_fresh(run_dir: Path, fresh: bool) -> None:
     """A folder Hydra made for a refused job goes again: a refused run leaves nothing behind
-    (rank 0 only: under torchrun the other ranks share the folder)."""
-    if fresh and os.environ.get("RANK", "0") == "0" and run_dir.is_dir() \
-            and not any(p.name != ".lock" for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
+    (rank 0 only: under torchrun the other ranks share the folder). Only under the folder's
+    lock: another process may hold it, having written nothing yet (a DDP parent while its
+    workers start); then the folder is its, and stays."""
+    if fresh and os.environ.get("RANK", "0") == "0" and run_dir.is_dir():
+        with contextlib.suppress(RunLocked), RunLock(run_dir):
+            pass  # release() removes the folder if nothing but the lock was written
 
 
 if __name__ == "__main__":

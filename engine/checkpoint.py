@@ -38,6 +38,21 @@ TYPES = {"model": dict, "optimizer": dict, "scheduler": dict, "epoch": int, "his
          "elapsed_s": (int, float), "identity": dict}
 
 
+# Keys every identity has held since the first run record. A record or checkpoint whose
+# identity lacks one cannot show that it is this run: compared key by key over the keys both
+# sides know, an empty identity would match every run.
+CORE_IDENTITY = ("model.arch", "model.depth", "norm.name", "batch_size_per_device", "seed",
+                 "trainer.epochs")
+
+
+def identity_problem(saved) -> str | None:
+    """Why `saved` cannot identify a run (one phrase), or None."""
+    if not isinstance(saved, dict):
+        return f"its identity is {'missing' if saved is None else 'a ' + type(saved).__name__}"
+    missing = [k for k in CORE_IDENTITY if k not in saved]
+    return f"its identity lacks {', '.join(missing)}" if missing else None
+
+
 def load(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -45,15 +60,18 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} cannot be read ({first_line(e)}); "
                               f"{MOVE_AWAY}") from None
     missing = sorted(KEYS - set(state)) if isinstance(state, dict) else sorted(KEYS)
-    if missing or not state["identity"]:
+    if missing:
         raise CheckpointError(f"checkpoint {path} is not a run checkpoint of this project "
-                              f"(missing {', '.join(missing) or 'identity'}); {MOVE_AWAY}")
+                              f"(missing {', '.join(missing)}); {MOVE_AWAY}")
     wrong = [k for k, t in TYPES.items() if not isinstance(state[k], t)
              or (t is int and isinstance(state[k], bool))]
     if wrong:
         raise CheckpointError(f"checkpoint {path} is not a run checkpoint of this project "
                               f"({', '.join(f'{k} is a {type(state[k]).__name__}' for k in wrong)}"
                               f"); {MOVE_AWAY}")
+    if problem := identity_problem(state["identity"]):
+        raise CheckpointError(f"checkpoint {path} cannot show that it is this run ({problem}); "
+                              f"{MOVE_AWAY}")
     return state
 
 

@@ -442,7 +442,11 @@ def finished_run(record: RunRecord, cfg: DictConfig, ident: dict) -> dict | None
             f"{found} exists and trainer.resume=false: starting afresh would overwrite it; "
             "move it away or set hydra.run.dir to another folder")
     if done and done.get("status") in ("completed", "diverged"):
-        if checkpoint.same_run(done.get("identity", {}), ident):
+        if problem := checkpoint.identity_problem(done.get("identity")):
+            raise checkpoint.CheckpointError(
+                f"{record.dir / 'summary.json'} records a finished run but cannot show that it "
+                f"is this run ({problem}); {checkpoint.MOVE_AWAY}")
+        if checkpoint.same_run(done["identity"], ident):
             raise checkpoint.CheckpointError(
                 f"{record.dir / 'summary.json'} records a finished run with another config ("
                 f"{checkpoint.describe_difference(done['identity'], ident)}); set "

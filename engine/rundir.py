@@ -2,7 +2,10 @@
 
 - `RunLock`: an exclusive lock on <run_dir>/.lock, holding the holder's pid. The kernel drops a
   flock when its process dies, so a dead holder never blocks. DDP workers that train.py starts
-  inherit their parent's lock (the environment names the folder it holds).
+  inherit their parent's lock (the environment names the folder it holds). Only a holder ever
+  removes the lock file (a refused run's empty folder goes with it), and a lock taken on a file
+  that was removed meanwhile is let go and taken again on the file now at the path, so two
+  processes can never both believe they hold the folder.
 - `write_durably`: a unique temporary file beside the target, flushed and fsynced, renamed over
   it, and the folder fsynced: the file is the old one or the new one, never a partial one, and
   two writers never share a temporary name.
@@ -44,9 +47,23 @@ class RunLock:
     def acquire(self) -> None:
         if os.environ.get(LOCK_ENV) == str(self.dir):
             return  # a worker of the process that holds it
-        self.created = not self.dir.exists() or not any(self.dir.iterdir())
+        while (fd := self._lock_once()) is None:
+            pass  # the holder before us removed the file we locked: lock the one there now
+        # Under the lock: nothing but (at most) a dead run's lock file means a new folder.
+        self.created = all(p.name == ".lock" for p in self.dir.iterdir())
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        os.environ[LOCK_ENV] = str(self.dir)
+
+    def _lock_once(self) -> int | None:
+        """A locked descriptor of the file at self.path, or None when that file was removed
+        (or replaced) between opening and locking it; RunLocked when a live process holds it."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            return None  # the folder went between mkdir and open (a holder's clean-up)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -56,16 +73,20 @@ class RunLock:
                 raise
             raise RunLocked(f"{self.dir} is in use by another run (pid {holder}); wait for it "
                             "to finish, or set hydra.run.dir to another folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        os.environ[LOCK_ENV] = str(self.dir)
+        try:
+            current = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            current = None
+        if current is None or not os.path.samestat(os.fstat(fd), current):
+            os.close(fd)
+            return None
+        return fd
 
     def release(self) -> None:
         if self.fd is None:
             return
         if self.created and [p.name for p in self.dir.iterdir()] == [".lock"]:
-            self.path.unlink()  # a refused new run leaves no folder behind
+            self.path.unlink()  # still held: whoever locked this file meanwhile retries
             with contextlib.suppress(OSError):
                 self.dir.rmdir()
         fcntl.flock(self.fd, fcntl.LOCK_UN)

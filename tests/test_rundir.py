@@ -91,6 +91,95 @@ def test_a_second_process_on_the_same_folder_exits_at_once_naming_the_holder(tmp
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs_completed"] == 3
 
 
+def test_processes_started_together_and_late_train_one_at_a_time(tmp_path):
+    """Five train.py processes on one folder at the same moment, two more once four are
+    refused: exactly one trains, the six others are refused in one line naming it, and the
+    folder keeps its lock. (A refused process once removed the holder's .lock and folder while
+    the holder had written nothing yet, as a DDP parent does while its workers start, so the
+    next one found no lock and trained too.)"""
+    args = [*TINY, "data.train_size=4096", "trainer.epochs=100", "trainer.devices=2",
+            "hydra.run.dir=run"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = lambda: subprocess.Popen(  # noqa: E731
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    procs = [start() for _ in range(5)]
+    try:
+        deadline = time.time() + 240
+        while sum(p.poll() is None for p in procs) > 1 and time.time() < deadline:
+            time.sleep(0.05)
+        procs += [start() for _ in range(2)]
+        while sum(p.poll() is None for p in procs) > 1 and time.time() < deadline:
+            time.sleep(0.1)
+        running = [p for p in procs if p.poll() is None]
+        assert len(running) == 1, "more than one process trains in the folder"
+        (holder,) = running
+        assert (tmp_path / "run" / ".lock").read_text().strip() == str(holder.pid)
+        for p in procs:
+            if p is not holder:
+                assert p.returncode == 1 and p.stderr.read().strip() == (
+                    f"error: {tmp_path / 'run'} is in use by another run (pid {holder.pid}); "
+                    "wait for it to finish, or set hydra.run.dir to another folder")
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def test_a_lock_taken_on_a_file_removed_meanwhile_is_taken_again(tmp_path, monkeypatch):
+    """The holder before us removes its lock file (and folder) as it leaves, after we opened
+    it but before we locked it: a lock on that unlinked file would hold nothing, and the next
+    process would lock a new file at the path. acquire() must end up holding the file there."""
+    import fcntl
+
+    real_flock, calls = fcntl.flock, []
+
+    def holder_leaves_first(fd, op):
+        if not calls:  # the previous holder's release(): unlink, rmdir, a new run recreates
+            (tmp_path / "run" / ".lock").unlink()
+            (tmp_path / "run").rmdir()
+            (tmp_path / "run").mkdir()
+            (tmp_path / "run" / ".lock").write_text("")
+        calls.append(fd)
+        return real_flock(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", holder_leaves_first)
+    monkeypatch.delenv("MICROBATCH_RUN_LOCK", raising=False)
+    with RunLock(tmp_path / "run") as lock:
+        assert len(calls) == 2
+        assert os.path.samestat(os.fstat(lock.fd), os.stat(tmp_path / "run" / ".lock"))
+        assert (tmp_path / "run" / ".lock").read_text().strip() == str(os.getpid())
+
+
+ALL_MISSING = ", ".join(checkpoint.CORE_IDENTITY)
+
+
+def test_identity_problems():
+    assert checkpoint.identity_problem(None) == "its identity is missing"
+    assert checkpoint.identity_problem({}) == f"its identity lacks {ALL_MISSING}"
+    assert checkpoint.identity_problem({"seed": 0}) == \
+        f"its identity lacks {ALL_MISSING.replace(', seed', '')}"
+    assert checkpoint.identity_problem(identity(make_cfg(*ONE))) is None
+
+
+@pytest.mark.parametrize("identity,problem", [(None, "its identity is missing"),
+                                              (["seed"], "its identity is a list")])
+def test_a_finished_record_that_cannot_show_its_identity_is_refused(tmp_path, identity,
+                                                                     problem):
+    """{"status": "completed"} alone once meant "already completed; nothing to do": an empty
+    identity matched every run. Refused in one line, the record kept, nothing trained."""
+    (tmp_path / "run").mkdir()
+    record = {"status": "completed", **({} if identity is None else {"identity": identity})}
+    (tmp_path / "run" / "summary.json").write_text(json.dumps(record))
+    res = run_cli(*ONE, "hydra.run.dir=run", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert res.stderr == (f"error: {tmp_path / 'run' / 'summary.json'} records a finished run "
+                          f"but cannot show that it is this run ({problem}); "
+                          f"{checkpoint.MOVE_AWAY}\n")
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == record
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "summary.json"]
+
+
 def test_the_lock_of_a_dead_process_does_not_block(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
