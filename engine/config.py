@@ -132,7 +132,8 @@ def register() -> None:
     """Register the schema (named in configs/config.yaml's defaults) and the resolvers."""
     ConfigStore.instance().store(name="schema", node=Config)
     for name, resolver in (("ws_suffix", lambda ws: "_ws" if ws else ""),
-                           ("devices_for", devices_for), ("run_digest", run_digest)):
+                           ("devices_for", devices_for), ("run_digest", run_digest),
+                           ("job_dirname", job_dirname)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 
@@ -191,6 +192,22 @@ def run_digest(*, _root_) -> str:
         # the config): the same job as trainer.devices=N, the same folder
         container["trainer"]["devices"] = world
     return digest({**identity(container), "data.root": container["data"]["root"]})
+
+
+NAME_MAX = 255  # bytes in one path component on Linux and macOS file systems
+
+
+def job_dirname(overrides: str) -> str:
+    """${job_dirname:${hydra.job.override_dirname}} in hydra.sweep.subdir: a sweep job's folder
+    is one level deep whatever the overrides hold. '/' becomes %2F (and '%' %25, so the name
+    still reads back to the overrides), `data.root=../x/y.tar.gz` stays one readable name; a
+    name longer than one path component may be is cut and ends in a digest of the whole."""
+    name = str(overrides).replace("%", "%25").replace("/", "%2F")
+    if len(name.encode()) > NAME_MAX:
+        tail = "..." + hashlib.sha1(name.encode()).hexdigest()[:8]
+        head = name.encode()[:NAME_MAX - len(tail)].decode(errors="ignore")
+        name = head + tail
+    return name
 
 
 def devices_for(global_batch: int, batch_size_per_device: int, devices: int = 1) -> int:
