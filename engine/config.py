@@ -1,12 +1,14 @@
 """The typed config schema (Hydra structured configs) and the one place it is validated.
 
 The dataclasses below are the schema: Hydra refuses unknown keys and ill-typed values while
-composing (`batch_size_per_device=abc`, `trainer.epoch=3`). `validate` then checks what types
+composing (`batch_size_per_device=abc`, `trainer.epoch=3`); `check_keys` refuses the keys its
+'+' adds (`+norm.foo=1`). `validate` then checks what types
 cannot (ranges, depths, groups against every layer's channels, devices) before any data or
 model is built, raising ConfigError with one line: the key, the value and what is allowed.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -281,6 +283,34 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
 
 
+def schema_keys(node) -> list[str] | None:
+    """The keys a config node may hold: its dataclass's fields (None for an untyped node)."""
+    kind = OmegaConf.get_type(node)
+    return [f.name for f in dataclasses.fields(kind)] if dataclasses.is_dataclass(kind) else None
+
+
+def unknown_key(key: str, allowed: list[str]) -> str:
+    """The one line for a key the schema does not have (misspelled, or added with '+')."""
+    parent, _, name = key.rpartition(".")
+    where = f"in {parent}" if parent else "at the top level"
+    return f"{key}: unknown key {name!r}; allowed {where}: {', '.join(allowed)}"
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Refuse a key the schema lacks, however it arrived. Hydra refuses one while composing
+    (`norm.foo=1`, or a config file's), but its '+' adds one to a typed node (`+norm.foo=1`,
+    `++trainer.bogus=3`, `+norm._target_=x`) that training would ignore: the same line here."""
+    def walk(node: DictConfig, prefix: str) -> None:
+        allowed = schema_keys(node)
+        for key, value in node.items_ex(resolve=False):
+            full = f"{prefix}{key}"
+            if allowed is not None and key not in allowed and full != "hydra":
+                raise ConfigError(unknown_key(full, allowed))
+            if isinstance(value, DictConfig) and full != "hydra":
+                walk(value, full + ".")
+    walk(cfg, "")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check everything that can be checked without data; raise ConfigError on the first.
 
@@ -288,6 +318,7 @@ def validate(cfg: DictConfig) -> None:
     from models import build_model, check_depth  # engine -> models, never the reverse
     from norms import check_statistics, configure_devices
 
+    check_keys(cfg)
     resolve(cfg)
     _require(cfg.batch_size_per_device >= 1, "batch_size_per_device", cfg.batch_size_per_device,
              "an integer >= 1")

@@ -403,6 +403,11 @@ def train_py(*args: str, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
     (["batch_size_per_device=2.5"], "batch_size_per_device: Value '2.5'"),
     (["trainer.epoch=3"], "trainer.epoch: unknown key 'epoch'; allowed in trainer: epochs,"),
     (["foo=1"], "foo: unknown key 'foo'; allowed at the top level: model, norm,"),
+    (["+norm.foo=1", "+trainer.bogus=3"], "norm.foo: unknown key 'foo'; allowed in norm: name, "
+                                          "ws, groups,"),
+    (["+trainer.bogus=3"], "trainer.bogus: unknown key 'bogus'; allowed in trainer: epochs,"),
+    (["+norm._target_=my.Norm"], "norm._target_: unknown key '_target_'; allowed in norm: name,"),
+    (["++extra.key=1"], "extra: unknown key 'extra'; allowed at the top level: model, norm,"),
     (["norm=batchnorm"], "norm=batchnorm is unknown; allowed: bcn, bcn_ws, bn,"),
     (["model=densenet"], "model=densenet is unknown; allowed: resnet, vgg"),
     (["-m", "norm=bn,gnn"], "norm=gnn is unknown; allowed:"),
