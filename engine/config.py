@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -23,6 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 DATASETS = ("cifar10", "cifar100", "synthetic")
+DEFAULT_DATA_ROOT = "data"  # configs/data/cifar*.yaml without $CIFAR10_ROOT: where a download goes
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # autocast dtype (torch.*)
@@ -352,6 +354,8 @@ def validate(cfg: DictConfig) -> None:
     elif d.root is None and not d.download:
         raise ConfigError(f"data.root=None: set data.root to the {d.name} data (pickled layout, "
                           "image folder or .tar.gz) or data.download=true")
+    elif d.root is not None:
+        check_data_root(d.name, d.root)
     _require(cfg.logger.mode in LOGGER_MODES, "logger.mode", cfg.logger.mode,
              ", ".join(LOGGER_MODES))
     if t.device == "cuda":
@@ -388,6 +392,22 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"norm.name={cfg.norm.name!r} at batch_size_per_device="
                           f"{cfg.batch_size_per_device}: {e}") from None
+
+
+def check_data_root(name: str, root: str) -> None:
+    """A data.root the user named must exist: a download goes only to the default location
+    (DEFAULT_DATA_ROOT, configs/data/*.yaml), so a typo is "does not exist", not a download
+    into a folder named like the typo (engine/data.py also never downloads to an archive's
+    name). The default location, or a folder that exists, may be a download's target."""
+    if Path(root) == Path(DEFAULT_DATA_ROOT) or Path(os.path.expanduser(root)).exists():
+        return
+    from .data import not_found
+    env = f"{name.upper()}_ROOT"
+    origin = f" (from ${env})" if os.environ.get(env) == root else ""
+    raise ConfigError(f"{not_found(root)}{origin}; point data.root (or ${env}) at a copy of "
+                      f"{name} (torchvision's pickles, an image folder or a .tar.gz of one); "
+                      f"data.download=true downloads only into the default {DEFAULT_DATA_ROOT}/ "
+                      "or a folder that exists")
 
 
 def resolve(cfg: DictConfig) -> None:

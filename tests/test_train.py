@@ -416,7 +416,8 @@ def train_py(*args: str, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
     (["optim.lr=-1"], "optim.lr=-1.0 is invalid"),
     (["seed=${oc.env:MICROBATCH_UNSET_VARIABLE}"], "seed: "),
     (["data=cifar10", "data.root=/does/not/exist", "data.download=false"], "data.root"),
-    (["data=cifar10", "data.root=/does/not/exist", "data.download=true"], "data.download"),
+    (["data=cifar10", "data.root=/does/not/exist", "data.download=true"],
+     "data.root=/does/not/exist does not exist (in /: found "),
 ])
 def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, monkeypatch, capsys, args,
                                                      needle):
