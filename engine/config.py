@@ -354,8 +354,6 @@ def validate(cfg: DictConfig) -> None:
     elif d.root is None and not d.download:
         raise ConfigError(f"data.root=None: set data.root to the {d.name} data (pickled layout, "
                           "image folder or .tar.gz) or data.download=true")
-    elif d.root is not None:
-        check_data_root(d.name, d.root)
     _require(cfg.logger.mode in LOGGER_MODES, "logger.mode", cfg.logger.mode,
              ", ".join(LOGGER_MODES))
     if t.device == "cuda":
@@ -394,12 +392,17 @@ def validate(cfg: DictConfig) -> None:
                           f"{cfg.batch_size_per_device}: {e}") from None
 
 
-def check_data_root(name: str, root: str) -> None:
+def check_data_root(cfg: DictConfig) -> None:
     """A data.root the user named must exist: a download goes only to the default location
     (DEFAULT_DATA_ROOT, configs/data/*.yaml), so a typo is "does not exist", not a download
     into a folder named like the typo (engine/data.py also never downloads to an archive's
-    name). The default location, or a folder that exists, may be a download's target."""
-    if Path(root) == Path(DEFAULT_DATA_ROOT) or Path(os.path.expanduser(root)).exists():
+    name). The default location, or a folder that exists, may be a download's target.
+
+    The environment, not the config: train.py checks it after `validate`, for every job of a
+    sweep before any starts, and where each job runs."""
+    name, root = cfg.data.name, cfg.data.root
+    if name == "synthetic" or root is None or Path(root) == Path(DEFAULT_DATA_ROOT) \
+            or Path(os.path.expanduser(root)).exists():
         return
     from .data import not_found
     env = f"{name.upper()}_ROOT"

@@ -214,29 +214,31 @@ def test_a_data_root_you_name_must_exist_only_the_default_is_downloaded_to(tmp_p
     """Issue 22: `data.root=<typo>` with the default data.download=true would download CIFAR-10
     into a folder named like the typo. A root the user names (or $CIFAR10_ROOT) and that does
     not exist is refused before training, naming it and what its nearest folder holds; the
-    default location (which `make train` downloads to) and existing folders stay valid."""
-    from engine.config import DEFAULT_DATA_ROOT
+    default location (which `make train` downloads to) and existing folders stay valid.
+    (train.py runs check_data_root after validate: tests/test_train.py's bad-input cases.)"""
+    from engine.config import DEFAULT_DATA_ROOT, check_data_root
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CIFAR10_ROOT", raising=False)
     assert make_cfg().data.root == DEFAULT_DATA_ROOT and make_cfg().data.download
-    validate(make_cfg())  # ./data need not exist: the download's place
+    check_data_root(make_cfg())  # ./data need not exist: the download's place
     (tmp_path / "cifar10-jpg.tar.gz").write_bytes(b"")
     (tmp_path / "empty").mkdir()
-    validate(make_cfg("data.root=empty"))  # exists: a download may fill it
+    check_data_root(make_cfg("data.root=empty"))  # exists: a download may fill it
     typo = tmp_path / "cifar10.tar.gz"
     with pytest.raises(ConfigError) as e:
-        validate(make_cfg(f"data.root={typo}"))
+        check_data_root(make_cfg(f"data.root={typo}"))
     assert str(e.value).startswith(
         f"data.root={typo} does not exist (in {tmp_path}/: found cifar10-jpg.tar.gz, empty/); "
         f"did you mean {tmp_path / 'cifar10-jpg.tar.gz'}?; point data.root (or $CIFAR10_ROOT) "
         "at a copy of cifar10")
     assert "data.download=true downloads only into the default data/" in str(e.value)
     monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "nope" / "deeper"))
-    with pytest.raises(ConfigError, match=re.escape(
-            f"data.root={tmp_path / 'nope' / 'deeper'} does not exist (in {tmp_path}/: found ")):
-        validate(make_cfg())
-    assert "(from $CIFAR10_ROOT)" in str(pytest.raises(ConfigError, validate, make_cfg()).value)
-    validate(make_cfg("data=synthetic", "data.root=/no/such/place"))  # no files read
+    with pytest.raises(ConfigError) as e:
+        check_data_root(make_cfg())
+    assert str(e.value).startswith(f"data.root={tmp_path / 'nope' / 'deeper'} does not exist "
+                                   f"(in {tmp_path}/: found ")
+    assert "(from $CIFAR10_ROOT)" in str(e.value)
+    check_data_root(make_cfg("data=synthetic", "data.root=/no/such/place"))  # no files read
 
 
 @pytest.mark.parametrize("source", ["command line", "config file"])
@@ -298,28 +300,28 @@ def test_accumulation_with_cross_device_statistics_is_warned(caplog, norm, warne
     assert ("cross-device statistics cover one micro-batch" in caplog.text) == warned
 
 
-def _queue_cells(study: str, root: str = "/data/cifar10") -> list[list[str]]:
+def _queue_cells(study: str) -> list[list[str]]:
     """The cells scripts/microbatch_study.sh queues for STUDY, as its DRY_RUN prints them:
     [folder, override, ...] per cell, in queue order."""
     import os
     import subprocess
 
     from conftest import ROOT
-    env = {**os.environ, "STUDY": study, "DRY_RUN": "1", "CIFAR10_ROOT": root}
+    env = {**os.environ, "STUDY": study, "DRY_RUN": "1", "CIFAR10_ROOT": "/data/cifar10"}
     out = subprocess.run(["bash", str(ROOT / "scripts" / "microbatch_study.sh"), "/q"],
                          env={**env, "JOBS": "1"}, capture_output=True, text=True, check=True)
     return [line.split() for line in out.stdout.splitlines()]
 
 
 @pytest.mark.parametrize("study", ["short", "long"])
-def test_every_queued_cell_of_the_study_composes_and_validates(study, tmp_path):
-    cells = _queue_cells(study, str(tmp_path))  # data.root must exist to validate
+def test_every_queued_cell_of_the_study_composes_and_validates(study):
+    cells = _queue_cells(study)
     folders = [c[0] for c in cells]
     assert len(set(folders)) == len(folders), "two cells share a folder"
     for folder, *overrides in cells:
         cfg = make_cfg(*overrides)
         validate(cfg)
-        assert global_batch(cfg) == 64 and cfg.data.root == str(tmp_path)
+        assert global_batch(cfg) == 64 and cfg.data.root == "/data/cifar10"
         assert not cfg.data.download and cfg.trainer.num_threads == 1
     if study == "short":
         assert len(cells) == 91

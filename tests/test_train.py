@@ -433,6 +433,19 @@ def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, monkeypatch, caps
     assert not list(tmp_path.rglob("last.pt")), "nothing may be trained"
 
 
+def test_a_sweep_over_missing_data_roots_starts_nothing(tmp_path, monkeypatch, capsys):
+    """train.py's preflight checks every job's data.root before any starts (issue 22)."""
+    code, out, err = train_py(*TINY, "-m", "data=cifar10", "data.root=/no/a,/no/b.tar.gz",
+                              "name=roots", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 3, err[-2000:]
+    assert all(line.startswith("error: ") for line in lines)
+    assert ": data.root=/no/a does not exist (in /: found " in lines[0]
+    assert ": data.root=/no/b.tar.gz does not exist (in /: found " in lines[1]
+    assert lines[2].startswith("error: 2 invalid job(s); nothing was started")
+    assert not (tmp_path / "multirun").exists()
+
+
 def test_bad_input_on_the_command_line_is_one_line_and_exit_status_2(tmp_path):
     """The real interpreter: its exit status and its whole stderr."""
     res = run_cli(*TINY, "batch_size_per_device=0", cwd=tmp_path, timeout=120)
