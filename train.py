@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from engine.checkpoint import CheckpointError
-from engine.config import ConfigError, register, validate
+from engine.config import ConfigError, check_data_root, register, validate
 from engine.data import DataError
 from engine.rundir import RunLock, RunLocked
 
@@ -40,7 +40,7 @@ def main(cfg: DictConfig) -> dict | None:
                 raise ConfigError(f"trainer.devices={cfg.trainer.devices} but torchrun started "
                                   f"{world} processes; allowed: {world} or leave it unset")
             cfg.trainer.devices = world
-        validate(cfg)
+        preflight(cfg)
         if world > 1:
             proc = distributed.init_process(cfg.trainer.device, cfg.trainer.timeout_s)
             try:
@@ -68,6 +68,12 @@ def main(cfg: DictConfig) -> dict | None:
         fail(e if isinstance(e, Interrupted) else "interrupted", 130, run_dir, fresh)
 
 
+def preflight(cfg: DictConfig) -> None:
+    """The config (validate), then the data.root it names (check_data_root)."""
+    validate(cfg)
+    check_data_root(cfg)
+
+
 def fail(error, status: int, run_dir: Path, fresh: bool) -> None:
     """One line (a traceback is for bugs) and the exit status."""
     print(f"error: {error}" if status != 130 else str(error), file=sys.stderr)
@@ -88,7 +94,7 @@ def remove_if_fresh(run_dir: Path, fresh: bool) -> None:
 if __name__ == "__main__":
     from engine.cli import exit_on_composition_error
 
-    invalid = exit_on_composition_error(Path(__file__).parent / "configs", "config", validate)
+    invalid = exit_on_composition_error(Path(__file__).parent / "configs", "config", preflight)
     main()
     if invalid:
         print(f"{len(invalid)} invalid job(s) skipped (skip_invalid_jobs=true):", file=sys.stderr)

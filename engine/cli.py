@@ -25,7 +25,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from .config import ConfigError, resolve
+from .config import ConfigError, check_keys, resolve, schema_keys, unknown_key
 
 # Hydra's own flags: with any but -m, Hydra answers itself (help, --cfg, another config, ...).
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -147,8 +147,10 @@ def composition_error(argv: list[str], config_dir: Path, config_name: str) -> st
 
 def _compose_error(config_name: str, overrides: list[str]) -> str | None:
     try:
-        resolve(compose(config_name=config_name, overrides=overrides))
-    except ConfigError as e:  # an interpolation that cannot be resolved: seed=${oc.env:X}
+        cfg = compose(config_name=config_name, overrides=overrides)
+        check_keys(cfg)  # a key added with '+': +norm.foo=1
+        resolve(cfg)
+    except ConfigError as e:  # that, or an interpolation that cannot be resolved: seed=${oc.env:X}
         return str(e)
     except MissingConfigException as e:  # norm=foo: an option the group does not have
         group, _, value = (e.missing_cfg_file or "").rpartition("/")
@@ -156,14 +158,10 @@ def _compose_error(config_name: str, overrides: list[str]) -> str | None:
             return None
         return f"{group}={value} is unknown; allowed: {', '.join(sorted(e.options))}"
     except ConfigCompositionException as e:
-        cause = e.__cause__
+        cause = e.__cause__ or e.__context__  # a config file's key: only the context has it
         if isinstance(cause, (ConfigAttributeError, ConfigKeyError)):  # a misspelled key
-            key = cause.full_key
-            parent, _, name = key.rpartition(".")
-            allowed = _keys(config_name, parent)
-            where = f"in {parent}" if parent else "at the top level"
-            return (f"{key}: unknown key {name!r}; allowed {where}: {', '.join(allowed)}"
-                    if allowed else None)
+            allowed = _keys(config_name, cause.full_key.rpartition(".")[0])
+            return unknown_key(cause.full_key, allowed) if allowed else None
         if isinstance(cause, ValidationError):  # batch_size_per_device=abc
             message = str(cause).splitlines()[0]
             return f"{cause.full_key}: {message}"
@@ -172,7 +170,9 @@ def _compose_error(config_name: str, overrides: list[str]) -> str | None:
 
 
 def _keys(config_name: str, parent: str) -> list[str]:
-    """The keys of node `parent`: the typed schema fixes them, so the default config shows them."""
+    """The keys node `parent` may hold: its schema's (check_keys' list), else the default's."""
     cfg = compose(config_name=config_name)
     node = OmegaConf.select(cfg, parent) if parent else cfg
-    return list(node.keys()) if hasattr(node, "keys") else []
+    if not hasattr(node, "keys"):
+        return []
+    return schema_keys(node) or list(node.keys())

@@ -1,12 +1,14 @@
 """The typed config schema (Hydra structured configs) and the one place it is validated.
 
 The dataclasses below are the schema: Hydra refuses unknown keys and ill-typed values while
-composing (`batch_size_per_device=abc`, `trainer.epoch=3`). `validate` then checks what types
+composing (`batch_size_per_device=abc`, `trainer.epoch=3`); `check_keys` refuses the keys its
+'+' adds (`+norm.foo=1`). `validate` then checks what types
 cannot (ranges, depths, groups against every layer's channels, devices) before any data or
 model is built, raising ConfigError with one line: the key, the value and what is allowed.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -14,6 +16,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -21,6 +24,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
 DATASETS = ("cifar10", "cifar100", "synthetic")
+DEFAULT_DATA_ROOT = "data"  # configs/data/cifar*.yaml without $CIFAR10_ROOT: where a download goes
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # autocast dtype (torch.*)
@@ -132,7 +136,8 @@ def register() -> None:
     """Register the schema (named in configs/config.yaml's defaults) and the resolvers."""
     ConfigStore.instance().store(name="schema", node=Config)
     for name, resolver in (("ws_suffix", lambda ws: "_ws" if ws else ""),
-                           ("devices_for", devices_for), ("run_digest", run_digest)):
+                           ("devices_for", devices_for), ("run_digest", run_digest),
+                           ("job_dirname", job_dirname)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 
@@ -191,6 +196,22 @@ def run_digest(*, _root_) -> str:
         # the config): the same job as trainer.devices=N, the same folder
         container["trainer"]["devices"] = world
     return digest({**identity(container), "data.root": container["data"]["root"]})
+
+
+NAME_MAX = 255  # bytes in one path component on Linux and macOS file systems
+
+
+def job_dirname(overrides: str) -> str:
+    """${job_dirname:${hydra.job.override_dirname}} in hydra.sweep.subdir: a sweep job's folder
+    is one level deep whatever the overrides hold. '/' becomes %2F (and '%' %25, so the name
+    still reads back to the overrides), `data.root=../x/y.tar.gz` stays one readable name; a
+    name longer than one path component may be is cut and ends in a digest of the whole."""
+    name = str(overrides).replace("%", "%25").replace("/", "%2F")
+    if len(name.encode()) > NAME_MAX:
+        tail = "..." + hashlib.sha1(name.encode()).hexdigest()[:8]
+        head = name.encode()[:NAME_MAX - len(tail)].decode(errors="ignore")
+        name = head + tail
+    return name
 
 
 def devices_for(global_batch: int, batch_size_per_device: int, devices: int = 1) -> int:
@@ -264,6 +285,34 @@ def _require(ok: bool, key: str, value, allowed: str) -> None:
         raise ConfigError(f"{key}={value!r} is invalid; allowed: {allowed}")
 
 
+def schema_keys(node) -> list[str] | None:
+    """The keys a config node may hold: its dataclass's fields (None for an untyped node)."""
+    kind = OmegaConf.get_type(node)
+    return [f.name for f in dataclasses.fields(kind)] if dataclasses.is_dataclass(kind) else None
+
+
+def unknown_key(key: str, allowed: list[str]) -> str:
+    """The one line for a key the schema does not have (misspelled, or added with '+')."""
+    parent, _, name = key.rpartition(".")
+    where = f"in {parent}" if parent else "at the top level"
+    return f"{key}: unknown key {name!r}; allowed {where}: {', '.join(allowed)}"
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Refuse a key the schema lacks, however it arrived. Hydra refuses one while composing
+    (`norm.foo=1`, or a config file's), but its '+' adds one to a typed node (`+norm.foo=1`,
+    `++trainer.bogus=3`, `+norm._target_=x`) that training would ignore: the same line here."""
+    def walk(node: DictConfig, prefix: str) -> None:
+        allowed = schema_keys(node)
+        for key, value in node.items_ex(resolve=False):
+            full = f"{prefix}{key}"
+            if allowed is not None and key not in allowed and full != "hydra":
+                raise ConfigError(unknown_key(full, allowed))
+            if isinstance(value, DictConfig) and full != "hydra":
+                walk(value, full + ".")
+    walk(cfg, "")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check everything that can be checked without data; raise ConfigError on the first.
 
@@ -271,6 +320,7 @@ def validate(cfg: DictConfig) -> None:
     from models import build_model, check_depth  # engine -> models, never the reverse
     from norms import check_statistics, configure_devices
 
+    check_keys(cfg)
     resolve(cfg)
     _require(cfg.batch_size_per_device >= 1, "batch_size_per_device", cfg.batch_size_per_device,
              "an integer >= 1")
@@ -340,6 +390,27 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"norm.name={cfg.norm.name!r} at batch_size_per_device="
                           f"{cfg.batch_size_per_device}: {e}") from None
+
+
+def check_data_root(cfg: DictConfig) -> None:
+    """A data.root the user named must exist: a download goes only to the default location
+    (DEFAULT_DATA_ROOT, configs/data/*.yaml), so a typo is "does not exist", not a download
+    into a folder named like the typo (engine/data.py also never downloads to an archive's
+    name). The default location, or a folder that exists, may be a download's target.
+
+    The environment, not the config: train.py checks it after `validate`, for every job of a
+    sweep before any starts, and where each job runs."""
+    name, root = cfg.data.name, cfg.data.root
+    if name == "synthetic" or root is None or Path(root) == Path(DEFAULT_DATA_ROOT) \
+            or Path(os.path.expanduser(root)).exists():
+        return
+    from .data import not_found
+    env = f"{name.upper()}_ROOT"
+    origin = f" (from ${env})" if os.environ.get(env) == root else ""
+    raise ConfigError(f"{not_found(root)}{origin}; point data.root (or ${env}) at a copy of "
+                      f"{name} (torchvision's pickles, an image folder or a .tar.gz of one); "
+                      f"data.download=true downloads only into the default {DEFAULT_DATA_ROOT}/ "
+                      "or a folder that exists")
 
 
 def resolve(cfg: DictConfig) -> None:

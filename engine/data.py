@@ -27,11 +27,13 @@ with a one-line message naming the config key.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import io
 import itertools
 import json
+import logging
 import os
 import pickle
 import re
@@ -140,6 +142,7 @@ _SPECS = {
     ),
 }
 _NAMES = ("cifar10", "cifar100", "synthetic")
+log = logging.getLogger("microbatch")
 
 
 def _layouts(spec: _Spec) -> str:
@@ -269,13 +272,11 @@ def _load_cifar(name: str, root, download: bool, cache_dir) -> Dataset:
             )
     elif path.exists():
         raise DataError(f"data.root={root_str} is neither a directory nor an archive file; {_expected(spec)}")
-    else:
-        if download:
-            train, test, classes = _read_pickled_dir(spec, _download(spec, path, root_str), root_str)
-        else:
-            raise DataError(
-                f"data.root={root_str} does not exist; {_expected(spec)}, or set data.download=true"
-            )
+    elif download and not path.name.lower().endswith(ARCHIVE_EXTS):
+        train, test, classes = _read_pickled_dir(spec, _download(spec, path, root_str), root_str)
+    else:  # an archive's name is never a download's target: a typo must not fetch CIFAR
+        raise DataError(f"{not_found(root_str)}; {_expected(spec)}"
+                        + ("" if download else ", or set data.download=true"))
 
     if len(classes) != spec.num_classes:
         raise DataError(
@@ -283,6 +284,25 @@ def _load_cifar(name: str, root, download: bool, cache_dir) -> Dataset:
             f"{spec.num_classes}"
         )
     return Dataset(name, train, test, list(classes), spec.mean, spec.std)
+
+
+def not_found(root_str: str) -> str:
+    """`data.root=X does not exist`, with what its nearest existing folder holds (and the
+    closest name there when one is near enough to be a typo of the missing part)."""
+    path = Path(os.path.expanduser(root_str))
+    missing, parent = path.name, path.parent
+    while not parent.exists() and parent != parent.parent:
+        missing, parent = parent.name, parent.parent
+    line = f"data.root={root_str} does not exist"
+    if not parent.is_dir():
+        return line
+    try:
+        names = sorted(p.name for p in parent.iterdir() if not p.name.startswith("."))
+    except OSError:
+        return line
+    close = difflib.get_close_matches(missing, names, n=1, cutoff=0.6)
+    hint = f"; did you mean {parent / close[0]}?" if close else ""
+    return f"{line} (in {os.path.join(parent, '')}: {_listing(parent)}){hint}"
 
 
 def _listing(path: Path, limit: int = 6) -> str:
@@ -329,6 +349,8 @@ def _download(spec: _Spec, path: Path, root_str: str) -> Path:
                 f"({one_line(e, 120)})"
             ) from None
         with staging as tmp:
+            log.warning("data.root=%s holds no %s: downloading the official archive (about "
+                        "170 MB) into %s", root_str, spec.pretty, path / spec.pickle_dir)
             _fetch(spec, Path(tmp), root_str)
             _move_into_place(Path(tmp) / spec.pickle_dir, path / spec.pickle_dir)
     except BaseException:

@@ -13,20 +13,31 @@ or holds another type (a string where a number belongs). `--wandb` reads the sam
 wandb project (the tracker logs the run's identity as config and the summary at finish), so
 everything after loading is one code path.
 
+Runs are compared only under one protocol (PROTOCOL below): the data (its name and
+fingerprint), the epochs, the global batch and the recipe (every other key of the run's
+identity that is not an axis of the comparison: optimizer, augmentation, precision, ...). Runs
+of one model that differ in any of these get a table, a ranking and a panel each, headed
+`(protocol i of n)` and stating the fields that differ (one line on stderr says so); they are
+never averaged together. A row of an older summary.csv, which records no fingerprint or recipe,
+joins the one protocol its other fields agree with (with several, it stays apart).
+
 Writes to DIR:
   summary.csv         one row per run (COLUMNS below), sorted by model, depth, norm, b, seed
-  table.md            per model: test error (%) as mean ± std over seeds, norm x batch size
-                      per device (also printed)
-  ranking.md          per model: every method's error at b = 1 and b = 2 and its gap to BN at
-                      b = 64, sorted by the error at b = 1
-  error_vs_batch.png  test error vs. batch size per device, log2 axis, one line per norm
-                      (Wu & He 2018, Figure 1); a norm keeps its colour and marker in every plot
+  table.md            per model and protocol: test error (%) as mean ± std over seeds, norm x
+                      batch size per device (also printed)
+  ranking.md          per model and protocol: every method's error at b = 1 and b = 2 and its
+                      gap to BN at b = 64, sorted by the error at b = 1
+  error_vs_batch.png  test error vs. batch size per device, log2 axis, one line per norm, a
+                      panel per model and protocol (Wu & He 2018, Figure 1); a norm keeps its
+                      colour and marker in every plot
 Exit status 2, with one line, when a path does not exist or no finished run is found.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import math
 import os
 import statistics
@@ -42,7 +53,18 @@ COLUMNS = ("model", "depth", "norm", "ws", "norm_label", "sync_stats", "batch_si
            "devices", "virtual_devices", "accumulate", "global_batch", "epochs", "seed", "data",
            "name", "status", "epochs_completed", "test_acc", "best_test_acc", "test_error",
            "test_loss", "train_loss", "images_per_sec", "wall_time_s", "overrides", "code",
-           "run_dir")
+           "run_dir", "data_fingerprint", "recipe")
+# An earlier report's summary.csv may lack the columns added since (its rows: unknown there).
+LATER_COLUMNS = ("data_fingerprint", "recipe")
+# The protocol: what must be equal for runs to be compared or averaged. Runs of one model that
+# differ in any of these are reported apart (tables, ranking, panels), never averaged.
+PROTOCOL = ("data", "data_fingerprint", "epochs", "global_batch", "recipe")
+# Identity keys that are not the recipe: the axes a report compares (the norm and its options,
+# b, seed, how K devices are realised), the model (its own heading), the device (the same
+# maths, other rounding) and what the data's name and fingerprint state themselves.
+NOT_RECIPE = ("model.arch", "model.depth", "trainer.devices", "trainer.virtual_devices",
+              "trainer.accumulate", "trainer.device", "trainer.epochs")
+NOT_RECIPE_PREFIXES = ("norm.", "data.")
 # What engine.loop.make_summary adds to describe(); on wandb these live in run.summary.
 SUMMARY_KEYS = ("status", "test_acc", "best_test_acc", "test_loss", "train_loss",
                 "epochs_completed", "images_per_sec", "wall_time_s")
@@ -84,10 +106,28 @@ class ReportError(Exception):
 # ------------------------------------------------------------------------------- loading
 
 
+def recipe(identity: dict) -> dict:
+    """The training recipe in a run's identity (optimizer, augmentation, precision, ...): every
+    dotted identity key but the axes and what other protocol columns say (NOT_RECIPE)."""
+    return {k: v for k, v in sorted(identity.items()) if k == "data.augment" or (
+        "." in k and k not in NOT_RECIPE and not k.startswith(NOT_RECIPE_PREFIXES))}
+
+
+def recipe_digest(keys: dict) -> str | None:
+    """8 hex digits naming a recipe (None when the record holds none)."""
+    if not keys:
+        return None
+    return hashlib.sha1(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def make_row(record: dict, identity: dict, run_dir: str) -> dict:
-    """One CSV row from a run's describe() + summary fields and its flattened identity."""
+    """One CSV row from a run's describe() + summary fields and its flattened identity; the
+    recipe's keys ride along (not a column) so that a report can name the ones that differ."""
     row = {key: record.get(key) for key in COLUMNS}
     row["sync_stats"] = identity.get("norm.sync_stats", True)
+    row["data_fingerprint"] = identity.get("data.fingerprint")
+    row["_recipe"] = recipe(identity)
+    row["recipe"] = recipe_digest(row["_recipe"])
     acc = record.get("test_acc")
     row["test_error"] = None if acc is None else 100.0 - acc
     row["overrides"] = " ".join(record.get("overrides") or ())
@@ -148,9 +188,10 @@ def load_csv(path: Path) -> list[dict]:
         return text
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
-    if not rows or set(rows[0]) != set(COLUMNS):
+    if not rows or not set(COLUMNS) - set(LATER_COLUMNS) <= set(rows[0]) <= set(COLUMNS):
         raise ReportError(f"{path}: not a summary.csv of this report (columns differ)")
-    return [{key: typed(key, row[key]) for key in COLUMNS} for row in rows]
+    return [{key: typed(key, row.get(key)) for key in COLUMNS} | {"_recipe": {}}
+            for row in rows]
 
 
 def load_local(paths) -> tuple[list[dict], list[str]]:
@@ -218,7 +259,7 @@ def sort_key(row: dict) -> tuple:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -249,6 +290,70 @@ def group_runs(rows: list[dict]) -> dict:
     return groups
 
 
+def protocol(row: dict) -> tuple:
+    return tuple(row[key] for key in PROTOCOL)
+
+
+def _order(key: tuple) -> tuple:
+    return tuple((v is None, v) for v in key)  # unknown (None) last
+
+
+def protocol_parts(rows: list[dict]) -> list[dict]:
+    """The runs of each (model, depth) split by protocol (PROTOCOL), in reading order: one part
+    per protocol, each a table, a ranking and a panel of its own; nothing is averaged across.
+
+    A row that leaves a protocol field unknown (an older summary.csv has no data fingerprint or
+    recipe) joins the one protocol its known fields agree with; with none or several, it stays
+    apart. Each part: model, depth, index and count (of its model's protocols), protocol (field
+    -> value), differing (the fields in which its model's protocols differ), recipe (its keys,
+    where the records hold them), rows."""
+    by_model: dict[tuple, list[dict]] = {}
+    for row in rows:
+        by_model.setdefault((row["model"], row["depth"]), []).append(row)
+    parts = []
+    for (model, depth), model_rows in sorted(by_model.items()):
+        complete = {protocol(r) for r in model_rows if None not in protocol(r)}
+        groups: dict[tuple, list[dict]] = {}
+        for row in model_rows:
+            key = protocol(row)
+            fits = [c for c in complete if all(a is None or a == b for a, b in zip(key, c))]
+            groups.setdefault(fits[0] if len(fits) == 1 else key, []).append(row)
+        keys = sorted(groups, key=_order)
+        differing = [name for i, name in enumerate(PROTOCOL) if len({k[i] for k in keys}) > 1]
+        for i, key in enumerate(keys, 1):
+            recipe_keys = next((r["_recipe"] for r in groups[key] if r.get("_recipe")), {})
+            parts.append({"model": model, "depth": depth, "index": i, "count": len(keys),
+                          "protocol": dict(zip(PROTOCOL, key)), "differing": differing,
+                          "recipe": recipe_keys, "rows": groups[key]})
+    return parts
+
+
+def recipe_difference(parts: list[dict]) -> dict[tuple, dict]:
+    """{(model, depth, index): {key: value}}: the recipe keys in which a model's protocols
+    differ, with each part's value (what the records hold; a summary.csv row holds none)."""
+    out = {}
+    for part in parts:
+        same_model = [p for p in parts if (p["model"], p["depth"]) == (part["model"],
+                                                                       part["depth"])]
+        keys = sorted({k for p in same_model for k in p["recipe"]})
+        differ = [k for k in keys if len({repr(p["recipe"].get(k)) for p in same_model}) > 1]
+        out[(part["model"], part["depth"], part["index"])] = {
+            k: part["recipe"].get(k, MISSING) for k in differ}
+    return out
+
+
+def protocol_warnings(parts: list[dict]) -> list[str]:
+    """One line per model whose runs follow several protocols: reported apart, and why."""
+    lines = []
+    for part in parts:
+        if part["count"] > 1 and part["index"] == 1:
+            lines.append(f"report: {model_name(part['model'], part['depth'])} runs follow "
+                         f"{part['count']} protocols (they differ in "
+                         f"{', '.join(FIELD_NAMES[f] for f in part['differing'])}): one table, "
+                         "ranking and panel each, never averaged together")
+    return lines
+
+
 def error_stats(runs: list[dict]) -> tuple[float | None, float | None, int, int]:
     """Test error over the completed seeds: mean, std (ddof=1, None below 2), n; and how many
     diverged, which are counted apart: their last error is not a result."""
@@ -275,21 +380,30 @@ def cell(runs: list[dict]) -> str:
     return text + (f", {diverged} diverged)" if diverged else ")")
 
 
-def setting(by_label: dict) -> tuple[list[str], list[str]]:
-    """Epochs, global batch and data, stated once when uniform; notes for those that are not
-    (the values per row) and for a cell holding one seed twice (other settings differ)."""
-    stated, notes = [], []
-    for key, name in (("epochs", "epochs"), ("global_batch", "global batch"), ("data", "data")):
-        per_label = {lab: sorted({r[key] for runs in cells.values() for r in runs},
-                                 key=lambda v: (v is None, v))
-                     for lab, cells in by_label.items()}
-        values = {v for vs in per_label.values() for v in vs}
-        if len(values) == 1:
-            stated.append(f"{name} {values.pop()}")
-        else:
-            notes.append(f"Note: runs differ in {name}: " + "; ".join(
-                f"{lab} {', '.join(map(str, vs))}" for lab, vs in per_label.items()))
-    for lab, cells in by_label.items():
+FIELD_NAMES = {"data": "data", "data_fingerprint": "data fingerprint", "epochs": "epochs",
+               "global_batch": "global batch", "recipe": "recipe"}
+
+
+def setting(part: dict, recipes: dict | None = None) -> tuple[list[str], list[str]]:
+    """The part's protocol, stated once (epochs, global batch, data; its fingerprint and recipe
+    too where they tell the model's protocols apart), and notes: a cell holding one seed twice
+    (settings outside the protocol, e.g. a norm's options, differ and are averaged)."""
+    proto = part["protocol"]
+    stated = [f"{FIELD_NAMES[k]} {MISSING if proto[k] is None else proto[k]}"
+              for k in ("epochs", "global_batch", "data")]
+    if "data_fingerprint" in part["differing"]:
+        stated.append(f"data fingerprint {proto['data_fingerprint'] or 'unknown'}")
+    if "recipe" in part["differing"]:
+        keys = (recipes or {}).get((part["model"], part["depth"], part["index"]))
+        stated.append("recipe " + (", ".join(f"{k}={v}" for k, v in keys.items()) if keys
+                                   else proto["recipe"] or "unknown"))
+    notes = []
+    if part["count"] > 1:
+        notes.append(f"Note: protocol {part['index']} of {part['count']} for "
+                     f"{model_name(part['model'], part['depth'])} (the protocols differ in "
+                     f"{', '.join(FIELD_NAMES[f] for f in part['differing'])}); never averaged "
+                     "with the others.")
+    for lab, cells in by_label(part).items():
         for b, runs in cells.items():
             seeds = [r["seed"] for r in runs]
             if len(seeds) != len(set(seeds)):  # e.g. two lr values in one folder
@@ -298,23 +412,41 @@ def setting(by_label: dict) -> tuple[list[str], list[str]]:
     return stated, notes
 
 
+def by_label(part: dict) -> dict:
+    """{label: {b: [rows]}} of one part."""
+    return group_runs(part["rows"])[(part["model"], part["depth"])]
+
+
+def part_name(part: dict) -> str:
+    """`ResNet-20`, or `ResNet-20 (protocol 2 of 3)` where its runs follow several."""
+    name = model_name(part["model"], part["depth"])
+    return name + (f" (protocol {part['index']} of {part['count']})" if part["count"] > 1
+                   else "")
+
+
+def heading(part: dict, what: str) -> str:
+    name = model_name(part["model"], part["depth"])
+    return f"## {name}: {what}{part_name(part)[len(name):]}"
+
+
 def error_table(rows: list[dict]) -> str:
-    """Markdown: per (model, depth), test error (%) per norm (rows) and b (columns)."""
-    parts = []
-    for (model, depth), by_label in group_runs(rows).items():
-        bs = sorted({b for cells in by_label.values() for b in cells})
-        stated, notes = setting(by_label)
-        lines = [f"## {model_name(model, depth)}: test error (%) vs. batch size per device", "",
-                 "; ".join(filter(None, [", ".join(stated),
-                                         "mean ± std over seeds (ddof=1), n = seeds"])) + ".",
-                 "", "| norm | " + " | ".join(f"b={b}" for b in bs) + " |",
+    """Markdown: per (model, depth) and protocol, test error (%) per norm (rows) and b."""
+    parts, out = protocol_parts(rows), []
+    recipes = recipe_difference(parts)
+    for part in parts:
+        labels = by_label(part)
+        bs = sorted({b for cells in labels.values() for b in cells})
+        stated, notes = setting(part, recipes)
+        lines = [heading(part, "test error (%) vs. batch size per device"), "",
+                 "; ".join([", ".join(stated), "mean ± std over seeds (ddof=1), n = seeds"])
+                 + ".", "", "| norm | " + " | ".join(f"b={b}" for b in bs) + " |",
                  "|:--|" + "--:|" * len(bs)]
-        for lab, cells in by_label.items():
+        for lab, cells in labels.items():
             lines.append(f"| {lab} | "
                          + " | ".join(cell(cells[b]) if b in cells else MISSING for b in bs)
                          + " |")
-        parts.append("\n".join(lines + ([""] + notes if notes else [])))
-    return "\n\n".join(parts) + "\n"
+        out.append("\n".join(lines + ([""] + notes if notes else [])))
+    return "\n\n".join(out) + "\n"
 
 
 # ------------------------------------------------------------------------------ the ranking
@@ -331,11 +463,13 @@ def ranking(rows: list[dict]) -> str:
     """Markdown: per (model, depth), every method at b = 1 and b = 2 (test error, mean ± std
     over seeds) and its gap to BN at b = 64 (error minus BN's mean; the std is the method's),
     sorted by the error at b = 1, then at b = 2."""
-    parts = []
-    for (model, depth), by_label in group_runs(rows).items():
-        bn64 = error_stats(by_label.get("bn", {}).get(64, []))[0]
+    parts, out = protocol_parts(rows), []
+    recipes = recipe_difference(parts)
+    for part in parts:
+        labels = by_label(part)
+        bn64 = error_stats(labels.get("bn", {}).get(64, []))[0]
         entries = []
-        for lab, cells in by_label.items():
+        for lab, cells in labels.items():
             at = {b: error_stats(cells.get(b, [])) for b in (1, 2)}
             if not any(at[b][2] for b in at):
                 continue
@@ -344,8 +478,9 @@ def ranking(rows: list[dict]) -> str:
             entries.append((lab, at, gaps))
         entries.sort(key=lambda e: tuple(math.inf if e[1][b][0] is None else e[1][b][0]
                                          for b in (1, 2)))
-        lines = [f"## {model_name(model, depth)}: which norm at 1-2 images per device", "",
-                 "Test error (%) at b images per device, mean ± std over seeds (n = seeds); "
+        lines = [heading(part, "which norm at 1-2 images per device"), "",
+                 ", ".join(setting(part, recipes)[0]) + "; "
+                 "test error (%) at b images per device, mean ± std over seeds (n = seeds); "
                  "gap = error minus BN's at b = 64"
                  + (f" ({bn64:.2f})" if bn64 is not None else " (no BN run at b = 64)")
                  + "; sorted by the error at b = 1.", "",
@@ -357,8 +492,8 @@ def ranking(rows: list[dict]) -> str:
                 cols += [fmt(mean, std, n), fmt(gaps[b], None, n, signed=True)
                          if gaps[b] is not None else MISSING]
             lines.append(f"| {i} | {lab} | " + " | ".join(cols) + " |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+        out.append("\n".join(lines))
+    return "\n\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------------- the plot
@@ -399,8 +534,18 @@ def plot_panel(ax, by_label: dict) -> bool:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Test error vs. b on a log2 axis, largest b first as in the GN paper's Figure 1; error
-    bars are the std over seeds; a cross at the top marks a cell where every run diverged."""
+    """The figure (`figure`) as a PNG."""
+    fig = figure(rows)  # chooses matplotlib's backend (Agg) before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure(rows: list[dict]):
+    """Test error vs. b on a log2 axis, largest b first as in the GN paper's Figure 1, a panel
+    per model and protocol; error bars are the std over seeds; a cross at the top marks a cell
+    where every run diverged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -408,26 +553,28 @@ def plot(rows: list[dict], path: Path) -> None:
     from matplotlib.lines import Line2D
     from matplotlib.ticker import NullLocator
 
-    groups = group_runs(rows)
-    labels = list(dict.fromkeys(lab for by_label in groups.values() for lab in by_label))
-    ncols = min(3, len(groups))
-    nrows = math.ceil(len(groups) / ncols)
+    parts = protocol_parts(rows)
+    recipes = recipe_difference(parts)
+    panels = [(part, by_label(part)) for part in parts]
+    labels = list(dict.fromkeys(lab for _, labs in panels for lab in labs))
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols + 2.2, 4.2 * nrows),
                              squeeze=False, layout="constrained")
     any_diverged = False
-    for ax, ((model, depth), by_label) in zip(axes.flat, groups.items()):
-        any_diverged |= plot_panel(ax, by_label)
-        bs = sorted({b for cells in by_label.values() for b in cells})
+    for ax, (part, labs) in zip(axes.flat, panels):
+        any_diverged |= plot_panel(ax, labs)
+        bs = sorted({b for cells in labs.values() for b in cells})
         ax.set_xscale("log", base=2)
         ax.set_xticks(bs, [str(b) for b in bs])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.invert_xaxis()
-        ax.set_title(f"{model_name(model, depth)}\n{', '.join(setting(by_label)[0])}",
+        ax.set_title(f"{part_name(part)}\n{', '.join(setting(part, recipes)[0])}",
                      fontsize="medium")
         ax.set_xlabel("batch size per device (images, log2 axis)")
         ax.set_ylabel("test error (%)")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(groups):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     # One legend for all panels: a norm has the same colour and marker everywhere.
     handles = [Line2D([], [], label=lab, **style(lab)) for lab in labels]
@@ -436,8 +583,7 @@ def plot(rows: list[dict], path: Path) -> None:
                               label="every seed diverged"))
     fig.legend(handles=handles, loc="outside right center", fontsize="small", title="norm")
     fig.suptitle("Test error vs. batch size per device (mean ± std over seeds)")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 # --------------------------------------------------------------------------------- the CLI
@@ -491,6 +637,8 @@ def main(argv=None) -> int:
     (args.out / "ranking.md").write_text(ranking(rows))
     plot(rows, args.out / "error_vs_batch.png")
     print(table, end="")
+    for line in protocol_warnings(protocol_parts(rows)):
+        print(line, file=sys.stderr)
     print(f"{len(rows)} runs -> {args.out}/summary.csv, table.md, ranking.md, "
           "error_vs_batch.png", file=sys.stderr)
     return 0

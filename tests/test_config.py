@@ -1,5 +1,7 @@
 """Config composition (Hydra compose API) and validation: every bad input is one clear line."""
 import json
+import re
+
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
@@ -199,13 +201,77 @@ def test_gn_protocol_preset_scales_the_global_batch():
 
 @pytest.mark.parametrize("argv", [
     [], ["-m", "norm=bn,gn", "batch_size_per_device=1,2"], ["hydra/launcher=parallel", "-m"],
-    ["experiment=microbatch", "hydra.run.dir=/tmp/x"], ["+extra=1"], ["--help"],
+    ["experiment=microbatch", "hydra.run.dir=/tmp/x"], ["+hydra.job.env_set.X=1"], ["--help"],
     ["--cfg", "job", "nonsense=1"],  # Hydra's own flags: Hydra answers
 ])
 def test_composition_preflight_passes_what_hydra_accepts(argv):
     from conftest import ROOT
     from engine.cli import composition_error
     assert composition_error(argv, ROOT / "configs", "config") is None
+
+
+def test_a_data_root_you_name_must_exist_only_the_default_is_downloaded_to(tmp_path,
+                                                                             monkeypatch):
+    """Issue 22: `data.root=<typo>` with the default data.download=true would download CIFAR-10
+    into a folder named like the typo. A root the user names (or $CIFAR10_ROOT) and that does
+    not exist is refused before training, naming it and what its nearest folder holds; the
+    default location (which `make train` downloads to) and existing folders stay valid.
+    (train.py runs check_data_root after validate: tests/test_train.py's bad-input cases.)"""
+    from engine.config import DEFAULT_DATA_ROOT, check_data_root
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CIFAR10_ROOT", raising=False)
+    assert make_cfg().data.root == DEFAULT_DATA_ROOT and make_cfg().data.download
+    check_data_root(make_cfg())  # ./data need not exist: the download's place
+    (tmp_path / "cifar10-jpg.tar.gz").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    check_data_root(make_cfg("data.root=empty"))  # exists: a download may fill it
+    typo = tmp_path / "cifar10.tar.gz"
+    with pytest.raises(ConfigError) as e:
+        check_data_root(make_cfg(f"data.root={typo}"))
+    assert str(e.value).startswith(
+        f"data.root={typo} does not exist (in {tmp_path}/: found cifar10-jpg.tar.gz, empty/); "
+        f"did you mean {tmp_path / 'cifar10-jpg.tar.gz'}?; point data.root (or $CIFAR10_ROOT) "
+        "at a copy of cifar10")
+    assert "data.download=true downloads only into the default data/" in str(e.value)
+    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "nope" / "deeper"))
+    with pytest.raises(ConfigError) as e:
+        check_data_root(make_cfg())
+    assert str(e.value).startswith(f"data.root={tmp_path / 'nope' / 'deeper'} does not exist "
+                                   f"(in {tmp_path}/: found ")
+    assert "(from $CIFAR10_ROOT)" in str(e.value)
+    check_data_root(make_cfg("data=synthetic", "data.root=/no/such/place"))  # no files read
+
+
+@pytest.mark.parametrize("source", ["command line", "config file"])
+def test_keys_the_schema_lacks_are_refused_however_they_arrive(source, tmp_path):
+    """Issue 22: '+' added keys that training ignored (`+norm._target_=my.Norm` trained BN).
+    A key the schema lacks is one line naming it and the allowed keys, from the command line
+    (with or without '+') and from a config file, by the preflight and by validate alike."""
+    import shutil
+
+    from conftest import ROOT
+    from engine.cli import composition_error
+    configs = ROOT / "configs"
+    if source == "command line":
+        cases = [(["+norm._target_=my.Norm"], "norm._target_"), (["norm.foo=1"], "norm.foo"),
+                 (["+trainer.bogus=3"], "trainer.bogus"), (["++extra=1"], "extra")]
+    else:  # a user's own presets: an experiment and a norm file
+        configs = shutil.copytree(configs, tmp_path / "configs")
+        (configs / "experiment" / "mine.yaml").write_text(
+            "# @package _global_\nnorm:\n  foo: 1\n")
+        (configs / "norm" / "mine.yaml").write_text(
+            "defaults:\n  - bn\n  - _self_\n_target_: my.Norm\n")
+        cases = [(["experiment=mine"], "norm.foo"), (["norm=mine"], "norm._target_")]
+    allowed = {"norm": "in norm: name, ws, groups, channels_per_group, eps,",
+               "trainer": "in trainer: epochs, devices, virtual_devices,", "": "at the top "
+               "level: model, norm, data, optim, trainer, logger, batch_size_per_device,"}
+    for overrides, key in cases:
+        parent, _, name = key.rpartition(".")
+        line = f"{key}: unknown key {name!r}; allowed {allowed[parent]}"
+        assert composition_error(overrides, configs, "config").startswith(line), overrides
+        if overrides[0].startswith("+"):  # composed, so validate sees it (train.py, tests)
+            with pytest.raises(ConfigError, match=re.escape(line)):
+                validate(make_cfg(*overrides))
 
 
 @pytest.mark.parametrize("argv,modes", [(["-m", "--cfg", "job"], "--cfg and --multirun"),

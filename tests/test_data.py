@@ -455,6 +455,37 @@ def test_error_root_missing(tmp_path):
     _one_line_error(e, "data.root=", "does not exist", "data.download=true")
 
 
+@pytest.mark.parametrize("download", [True, False])
+def test_a_missing_archive_is_not_found_never_a_download(tmp_path, monkeypatch, download):
+    """Issue 22: a typo of the archive's name downloaded CIFAR-10 into a folder named like the
+    typo. An archive's name is read, never created: one line naming the path, what its folder
+    holds and the near name, nothing fetched, nothing created."""
+    import torchvision.datasets.cifar as tv_cifar
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive",
+                        lambda *a, **k: pytest.fail("downloaded"))
+    (tmp_path / "cifar10-jpg.tar.gz").write_bytes(b"")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(tmp_path / "cifar10.tar.gz"), download=download)
+    _one_line_error(e, f"data.root={tmp_path / 'cifar10.tar.gz'} does not exist",
+                    f"(in {tmp_path}/: found cifar10-jpg.tar.gz)",
+                    f"did you mean {tmp_path / 'cifar10-jpg.tar.gz'}?")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_download_says_when_and_where(tmp_path, monkeypatch, caplog):
+    import torchvision.datasets.cifar as tv_cifar
+
+    def offline(*args, **kwargs):
+        raise URLError("offline")
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", offline)
+    with pytest.raises(DataError):
+        load_dataset("cifar10", str(tmp_path / "data"), download=True)
+    assert (f"data.root={tmp_path / 'data'} holds no CIFAR-10: downloading the official "
+            f"archive (about 170 MB) into {tmp_path / 'data' / 'cifar-10-batches-py'}") \
+        in caplog.text
+
+
 def test_error_root_unset():
     with pytest.raises(DataError) as e:
         load_dataset("cifar100", None)

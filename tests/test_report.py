@@ -4,6 +4,7 @@ real sweep of train.py end to end."""
 import csv
 import importlib.util
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -50,17 +51,29 @@ epochs 30, global batch 64, data cifar10; mean ± std over seeds (ddof=1), n = s
 | bcn_ws | 15.00 (n=1) | — | — |
 | bcn_ws (per-device stats) | 40.00 (n=1) | — | — |"""
 
+# Trained for 10 and 20 epochs: two protocols, a table each (never one table, never averaged).
 VGG16_TABLE = """\
-## VGG-16: test error (%) vs. batch size per device
+## VGG-16: test error (%) vs. batch size per device (protocol 1 of 2)
 
-global batch 64, data cifar10; mean ± std over seeds (ddof=1), n = seeds.
+epochs 10, global batch 64, data cifar10; mean ± std over seeds (ddof=1), n = seeds.
 
 | norm | b=2 |
 |:--|--:|
 | bn | 15.00 (n=1) |
+
+Note: protocol 1 of 2 for VGG-16 (the protocols differ in epochs); never averaged with the \
+others.
+
+## VGG-16: test error (%) vs. batch size per device (protocol 2 of 2)
+
+epochs 20, global batch 64, data cifar10; mean ± std over seeds (ddof=1), n = seeds.
+
+| norm | b=2 |
+|:--|--:|
 | gn | 14.00 (n=1) |
 
-Note: runs differ in epochs: bn 10; gn 20"""
+Note: protocol 2 of 2 for VGG-16 (the protocols differ in epochs); never averaged with the \
+others."""
 
 
 def make_summary(model, depth, norm, ws, sync_stats, b, seed, status, test_acc, epochs):
@@ -208,6 +221,75 @@ def test_plot_is_a_png(sweep, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
     width, height = struct.unpack(">II", data[16:24])
     assert width >= 800 and height >= 400 and len(data) > 20_000
+
+
+def unlike_runs():
+    """Issue 22's report: bn at b=32 on generated data and on CIFAR-10 (and gn at another lr)
+    in one folder, averaged into `bn b=32: 49.49 ± 54.25`, an error bar below 0%."""
+    rows = []
+    for i, (data, fingerprint, acc, lr) in enumerate([
+            ("synthetic", "5151515151515151", 99.87, 0.1), ("cifar10", "c1c1c1c1c1c1c1c1", 61.15, 0.1),
+            ("cifar10", "c1c1c1c1c1c1c1c1", 61.25, 0.1), ("cifar10", "c1c1c1c1c1c1c1c1", 70.0, 0.05)]):
+        s = make_summary("resnet", 20, "bn" if lr == 0.1 else "gn", False, True, 32, i,
+                         "completed", acc, 4)
+        s["data"] = data
+        s["identity"].update({"data.name": data, "data.fingerprint": fingerprint,
+                              "optim.lr": lr})
+        rows.append(report.make_row(s, s["identity"], f"run{i}"))
+    return rows
+
+
+def test_runs_of_another_protocol_are_never_averaged(tmp_path, capsys):
+    rows = unlike_runs()
+    parts = report.protocol_parts(rows)
+    assert [(p["protocol"]["data"], p["protocol"]["data_fingerprint"], len(p["rows"]))
+            for p in parts] == [("cifar10", "c1c1c1c1c1c1c1c1", 2), ("cifar10", "c1c1c1c1c1c1c1c1", 1),
+                                ("synthetic", "5151515151515151", 1)]
+    table = report.error_table(rows)
+    # no cell mixes protocols: the CIFAR-10 pair is the only mean of several runs
+    assert re.findall(r"\| \S+ ± \S+ \(n=\d+\) \|", table) == ["| 38.80 ± 0.07 (n=2) |"]
+    assert "| bn | 0.13 (n=1) |" in table
+    assert "| gn | 30.00 (n=1) |" in table
+    assert ("epochs 4, global batch 64, data synthetic, data fingerprint 5151515151515151, "
+            "recipe optim.lr=0.1; mean") in table
+    assert "data cifar10, data fingerprint c1c1c1c1c1c1c1c1, recipe optim.lr=0.05;" in table
+    assert ("Note: protocol 3 of 3 for ResNet-20 (the protocols differ in data, data "
+            "fingerprint, recipe); never averaged with the others.") in table
+    ranking = report.ranking(rows)
+    assert ranking.count("## ResNet-20: which norm at 1-2 images per device (protocol") == 3
+    # the PNG: a panel per protocol, each line the mean of its own runs only
+    fig = report.figure(rows)
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title().splitlines()[0] for ax in panels] == [
+        f"ResNet-20 (protocol {i} of 3)" for i in (1, 2, 3)]
+    means = [list(ax.get_lines()[0].get_ydata()) for ax in panels]  # then the error bars' caps
+    assert means == [[pytest.approx(38.8)], [pytest.approx(30.0)], [pytest.approx(0.13)]]
+    assert min(y for ax in panels for line in ax.get_lines() for y in line.get_ydata()) > 0
+    report.write_csv(rows, tmp_path / "summary.csv")
+    assert report.main([str(tmp_path / "summary.csv"), "--out", str(tmp_path / "out")]) == 0
+    assert ("report: ResNet-20 runs follow 3 protocols (they differ in data, data fingerprint, "
+            "recipe): one table, ranking and panel each, never averaged together") in \
+        capsys.readouterr().err.splitlines()
+    assert (tmp_path / "out" / "table.md").read_text().count("(protocol") == 3
+
+
+def test_an_older_csv_without_fingerprint_or_recipe_joins_the_one_protocol_it_fits(tmp_path):
+    rows = unlike_runs()[1:3]  # the CIFAR-10 pair, one of them from a report of before
+    report.write_csv(rows[:1], tmp_path / "old.csv")
+    with open(tmp_path / "old.csv", newline="") as f:
+        old = [{k: v for k, v in r.items() if k not in report.LATER_COLUMNS}
+               for r in csv.DictReader(f)]
+    with open(tmp_path / "old.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[c for c in report.COLUMNS
+                                               if c not in report.LATER_COLUMNS])
+        writer.writeheader()
+        writer.writerows(old)
+    joined, _ = report.load_local([tmp_path / "old.csv"])
+    assert joined[0]["data_fingerprint"] is None and joined[0]["recipe"] is None
+    assert [len(p["rows"]) for p in report.protocol_parts(joined + rows[1:])] == [2]
+    other_lr = unlike_runs()[3]  # another recipe on the same data: the old row fits both
+    assert [len(p["rows"]) for p in report.protocol_parts(joined + rows[1:] + [other_lr])] \
+        == [1, 1, 1]
 
 
 class FakeRun:
@@ -382,7 +464,8 @@ def test_an_earlier_reports_csv_joins_new_runs_unchanged(sweep, tmp_path):
 def test_ranking_sorts_methods_by_error_at_one_image_with_gaps_to_bn_at_64(sweep):
     root, _, _ = sweep
     rows, _ = report.load_local([root])
-    bn64 = dict(rows[-1], model="resnet", depth=20, norm="bn", ws=False, norm_label="bn",
+    bn64 = dict(rows[-1], model="resnet", depth=20, epochs=30, norm="bn", ws=False,
+                norm_label="bn",
                 sync_stats=True, batch_size_per_device=64, seed=0, status="completed",
                 test_acc=75.0, test_error=25.0, run_dir="bn64")
     text = report.ranking(rows + [bn64])

@@ -390,12 +390,28 @@ def test_sweeps_validate_every_job_before_launching_any(tmp_path):
     assert tail[0] == "1 invalid job(s) skipped (skip_invalid_jobs=true):" and "norm=gn" in tail[1]
 
 
-def test_sweep_jobs_over_data_roots_get_their_own_folders(tmp_path):
-    res = run_cli("-m", *ONE, "data.root=a,b", "name=roots", cwd=tmp_path)
+def test_sweep_jobs_over_data_roots_get_their_own_folders_one_level_deep(tmp_path):
+    """A '/' in an override is %2F in the job's folder name (issue 22): one folder per job
+    directly under multirun/<name>/, whatever the values hold, so globs over jobs work."""
+    res = run_cli("-m", *ONE, "data.root=a,../shared/data/x.tar.gz", "name=roots", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    names = [p.parent.name for p in (tmp_path / "multirun").rglob("summary.json")]
+    names = [p.parent.name for p in (tmp_path / "multirun" / "roots").glob("*/summary.json")]
     assert sorted(part for n in names for part in n.split(",") if part.startswith("data.root=")) \
-        == ["data.root=a", "data.root=b"]
+        == ["data.root=..%2Fshared%2Fdata%2Fx.tar.gz", "data.root=a"]
+    assert len(list((tmp_path / "multirun").rglob("summary.json"))) == 2
+
+
+def test_job_folder_names_read_back_and_fit_one_path_component():
+    from urllib.parse import unquote
+
+    from engine.config import NAME_MAX, job_dirname
+    overrides = "data.root=../a%b/c.tar.gz,norm=gn"
+    assert job_dirname(overrides) == "data.root=..%2Fa%25b%2Fc.tar.gz,norm=gn"
+    assert unquote(job_dirname(overrides)) == overrides
+    long = ",".join(f"optim.lr=0.{i:0>40}" for i in range(12))
+    cut = job_dirname(long)
+    assert len(cut.encode()) == NAME_MAX and "/" not in cut and cut.startswith("optim.lr=0.0")
+    assert cut != job_dirname(long[:-1] + "9")  # the digest tells cut names apart
 
 
 def test_the_data_not_its_path_is_the_runs_identity(tmp_path):

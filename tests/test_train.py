@@ -403,6 +403,11 @@ def train_py(*args: str, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
     (["batch_size_per_device=2.5"], "batch_size_per_device: Value '2.5'"),
     (["trainer.epoch=3"], "trainer.epoch: unknown key 'epoch'; allowed in trainer: epochs,"),
     (["foo=1"], "foo: unknown key 'foo'; allowed at the top level: model, norm,"),
+    (["+norm.foo=1", "+trainer.bogus=3"], "norm.foo: unknown key 'foo'; allowed in norm: name, "
+                                          "ws, groups,"),
+    (["+trainer.bogus=3"], "trainer.bogus: unknown key 'bogus'; allowed in trainer: epochs,"),
+    (["+norm._target_=my.Norm"], "norm._target_: unknown key '_target_'; allowed in norm: name,"),
+    (["++extra.key=1"], "extra: unknown key 'extra'; allowed at the top level: model, norm,"),
     (["norm=batchnorm"], "norm=batchnorm is unknown; allowed: bcn, bcn_ws, bn,"),
     (["model=densenet"], "model=densenet is unknown; allowed: resnet, vgg"),
     (["-m", "norm=bn,gnn"], "norm=gnn is unknown; allowed:"),
@@ -411,7 +416,8 @@ def train_py(*args: str, cwd, monkeypatch, capsys) -> tuple[int, str, str]:
     (["optim.lr=-1"], "optim.lr=-1.0 is invalid"),
     (["seed=${oc.env:MICROBATCH_UNSET_VARIABLE}"], "seed: "),
     (["data=cifar10", "data.root=/does/not/exist", "data.download=false"], "data.root"),
-    (["data=cifar10", "data.root=/does/not/exist", "data.download=true"], "data.download"),
+    (["data=cifar10", "data.root=/does/not/exist", "data.download=true"],
+     "data.root=/does/not/exist does not exist (in /: found "),
 ])
 def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, monkeypatch, capsys, args,
                                                      needle):
@@ -425,6 +431,19 @@ def test_bad_input_exits_nonzero_with_one_clear_line(tmp_path, monkeypatch, caps
     assert needle in errors[0], errors[0]
     assert "Traceback" not in out + err
     assert not list(tmp_path.rglob("last.pt")), "nothing may be trained"
+
+
+def test_a_sweep_over_missing_data_roots_starts_nothing(tmp_path, monkeypatch, capsys):
+    """train.py's preflight checks every job's data.root before any starts (issue 22)."""
+    code, out, err = train_py(*TINY, "-m", "data=cifar10", "data.root=/no/a,/no/b.tar.gz",
+                              "name=roots", cwd=tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 3, err[-2000:]
+    assert all(line.startswith("error: ") for line in lines)
+    assert ": data.root=/no/a does not exist (in /: found " in lines[0]
+    assert ": data.root=/no/b.tar.gz does not exist (in /: found " in lines[1]
+    assert lines[2].startswith("error: 2 invalid job(s); nothing was started")
+    assert not (tmp_path / "multirun").exists()
 
 
 def test_bad_input_on_the_command_line_is_one_line_and_exit_status_2(tmp_path):
