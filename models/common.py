@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from norms import NORMS, build_norm, build_norm_act, conv_for
+from norms import NORMS, build_norm, build_norm_act, conv_for, nf_alpha
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,12 @@ class NormLayers:
 
     def act(self, num_channels: int, inplace: bool = False) -> tuple[nn.Module, nn.Module]:
         return build_norm_act(self.name, num_channels, inplace=inplace, **self.options)
+
+    @property
+    def nf_alpha(self) -> float | None:
+        """A normalizer-free norm (nf) asks for NF residual blocks with this alpha (and convs
+        that carry the gain of the ReLU before them); None for every other norm."""
+        return nf_alpha(self.name, **self.options)
 
 
 def make_layers(norm: str, ws: bool, norm_options: dict) -> tuple[type[nn.Conv2d], NormLayers]:
