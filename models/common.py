@@ -38,6 +38,7 @@ def make_layers(norm: str, ws: bool, norm_options: dict) -> tuple[type[nn.Conv2d
     """The conv class and the norm slots a builder asks for layers."""
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r} is unknown; allowed: {', '.join(NORMS)}")
+    nf_alpha(norm, **norm_options)  # a whole-network option: refused here, not at a layer
     return conv_for(norm, ws), NormLayers(norm, dict(norm_options))
 
 
