@@ -32,10 +32,9 @@ def adaptive_clip_grad_(params: Iterable[torch.Tensor], clipping: float = 0.01,
     for p in params:
         if p.grad is None:
             continue
-        max_norm = unitwise_norm(p).clamp_min(eps) * clipping
-        g_norm = unitwise_norm(p.grad)
-        clipped = p.grad * (max_norm / g_norm.clamp_min(1e-6))
-        p.grad.copy_(torch.where(g_norm > max_norm, clipped, p.grad))
+        max_norm = unitwise_norm(p).clamp_min_(eps).mul_(clipping)
+        # lambda max(|W_i|, eps) / |G_i| where that is below 1, else exactly 1 (unchanged)
+        p.grad.mul_(max_norm.div_(unitwise_norm(p.grad).clamp_min_(1e-6)).clamp_max_(1.0))
 
 
 def clipped_parameters(model: nn.Module) -> list[nn.Parameter]:
