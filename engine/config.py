@@ -62,6 +62,7 @@ class NormConfig:
     schedule_unit: str = "steps"     # steps | run
     simulated_batch: Optional[int] = None  # mabn: averages over simulated_batch / b steps
     learned_eps: bool = False        # frn: eps = 1e-6 + |eps_l|, learned
+    alpha: Optional[float] = None    # nf: the NF block's residual scale (default 0.2)
 
 
 @dataclass
@@ -85,6 +86,8 @@ class OptimConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     warmup_epochs: float = 1.0       # linear warm-up, then cosine to 0
+    agc: Optional[float] = None      # adaptive gradient clipping's lambda (0.01); null: off
+    agc_eps: float = 1e-3            # AGC's floor on the weight norm
 
 
 @dataclass
@@ -247,7 +250,7 @@ def norm_options(cfg, total_steps: int | None = None) -> dict[str, Any]:
         opts["channels_per_group"] = n.channels_per_group
     elif n.groups is not None:
         opts["groups"] = n.groups
-    for key in ("r_max", "d_max"):
+    for key in ("r_max", "d_max", "alpha"):
         if n[key] is not None:
             opts[key] = n[key]
     for key in STEP_KEYS:
@@ -274,7 +277,9 @@ def norm_options(cfg, total_steps: int | None = None) -> dict[str, Any]:
 
 
 def norm_label(cfg) -> str:
-    return cfg.norm.name + ("_ws" if cfg.norm.ws else "")
+    """The norm as reports name it: bn, gn_ws, nf_agc (adaptive gradient clipping on)."""
+    return (cfg.norm.name + ("_ws" if cfg.norm.ws else "")
+            + ("_agc" if cfg.optim.get("agc") is not None else ""))
 
 
 # ---------------------------------------------------------------- validation
@@ -344,6 +349,9 @@ def validate(cfg: DictConfig) -> None:
     _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "a number >= 0")
     _require(0 <= o.warmup_epochs <= t.epochs, "optim.warmup_epochs", o.warmup_epochs,
              f"a number in [0, trainer.epochs={t.epochs}]")
+    _require(o.agc is None or o.agc > 0, "optim.agc", o.agc,
+             "a clipping threshold lambda > 0 (0.01: the authors'), or null (off)")
+    _require(o.agc_eps > 0, "optim.agc_eps", o.agc_eps, "a number > 0 (1e-3: the authors')")
     d = cfg.data
     _require(d.name in DATASETS, "data.name", d.name, ", ".join(DATASETS))
     _require(d.train_subset >= 0, "data.train_subset", d.train_subset, "0 (all) or >= 1")

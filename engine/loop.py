@@ -38,6 +38,7 @@ from norms import DeviceAware, configure_devices
 from . import checkpoint
 from .config import (PRECISIONS, ConfigError, global_batch, identity, norm_label,
                      norm_options)
+from .agc import adaptive_clip_grad_, clipped_parameters
 from .data import GlobalBatches, eval_batches, load_dataset
 from .records import RunRecord, code_version
 from .rundir import RunLock
@@ -124,7 +125,9 @@ class Step:
     accumulate: chunks per step. ddp: skip DDP's gradient all-reduce on all chunks but the last.
     autocast: the forward's precision context. scaler: fp16's GradScaler. memory_format: the
     input layout (channels_last with a channels_last model). cuda_graphs: capture the forward
-    and backward once, replay them every step (CapturedForwardBackward).
+    and backward once, replay them every step (CapturedForwardBackward). clip: called on the
+    step's whole gradient (all chunks, all devices, loss scale removed) before the optimizer
+    step: optim.agc's adaptive gradient clipping.
     """
     accumulate: int = 1
     ddp: bool = False
@@ -133,6 +136,7 @@ class Step:
     memory_format: torch.memory_format = torch.contiguous_format
     cuda_graphs: bool = False
     captured: "CapturedForwardBackward | None" = None
+    clip: Callable[[], None] | None = None
 
     @classmethod
     def from_config(cls, t, proc: Process) -> "Step":
@@ -178,9 +182,14 @@ def train_step(net, optimizer, scheduler, x, y, sums, step: Step) -> None:
         optimizer.zero_grad(set_to_none=True)
         forward_backward(net, x, y, sums, step)
     if step.scaler is not None:
+        if step.clip is not None:
+            step.scaler.unscale_(optimizer)  # clip the true gradient; step() won't unscale again
+            step.clip()
         step.scaler.step(optimizer)
         step.scaler.update()
     else:
+        if step.clip is not None:
+            step.clip()
         optimizer.step()
     scheduler.step()
 
@@ -528,6 +537,9 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
              else torch.preserve_format)
     configure_devices(model, t.virtual_devices, proc.group, t.accumulate)
     step = Step.from_config(t, proc)
+    if cfg.optim.agc is not None:
+        step.clip = partial(adaptive_clip_grad_, clipped_parameters(model), cfg.optim.agc,
+                            cfg.optim.agc_eps)
     net = model
     if proc.world_size > 1:
         # Buffers are averaged before use instead of broadcast from rank 0 every step.

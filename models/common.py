@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from norms import NORMS, build_norm, build_norm_act, conv_for
+from norms import NORMS, build_norm, build_norm_act, conv_for, nf_alpha
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,18 @@ class NormLayers:
     def act(self, num_channels: int, inplace: bool = False) -> tuple[nn.Module, nn.Module]:
         return build_norm_act(self.name, num_channels, inplace=inplace, **self.options)
 
+    @property
+    def nf_alpha(self) -> float | None:
+        """A normalizer-free norm (nf) asks for NF residual blocks with this alpha (and convs
+        that carry the gain of the ReLU before them); None for every other norm."""
+        return nf_alpha(self.name, **self.options)
+
 
 def make_layers(norm: str, ws: bool, norm_options: dict) -> tuple[type[nn.Conv2d], NormLayers]:
     """The conv class and the norm slots a builder asks for layers."""
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r} is unknown; allowed: {', '.join(NORMS)}")
+    nf_alpha(norm, **norm_options)  # a whole-network option: refused here, not at a layer
     return conv_for(norm, ws), NormLayers(norm, dict(norm_options))
 
 

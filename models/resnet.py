@@ -5,11 +5,20 @@
   channels, stride-2 subsampling), so the parameter counts are the paper's.
 - depth 18/34/50/101/152: the ImageNet ResNets adapted to 32x32 as in the common CIFAR repos
   (3x3 stem, no max-pool, 64..512 channels, projection shortcuts).
+- normalizer-free (a norm with `nf_alpha`, i.e. nf): the same depths and widths built from
+  NFBlock (Brock et al. 2021a), pre-activation, with Scaled WS projection shortcuts wherever
+  the shape changes (option A would pass ReLU outputs and zero channels down the skip path).
 """
 from __future__ import annotations
 
+import math
+from functools import partial
+
+import torch
 import torch.nn.functional as F
 from torch import nn
+
+from norms import RELU_GAMMA
 
 from .common import NormLayers
 
@@ -88,6 +97,43 @@ class Bottleneck(nn.Module):
         return self.norm3
 
 
+class NFBlock(nn.Module):
+    """Normalizer-free pre-activation residual block (Brock et al. 2021a; SkipInit):
+
+        h_next = shortcut + alpha * skip_gain * f(beta * relu(h))
+
+    f: conv3x3-ReLU-conv3x3 (basic) or conv1x1-ReLU-conv3x3-ReLU-conv1x1 (bottleneck), every
+    conv Scaled WS with bias, carrying the gain gamma of the ReLU before it. beta = 1 / the
+    expected std of h (so f sees unit variance at init), skip_gain a scalar initialised to 0.
+    The shortcut is h, or a 1x1 Scaled WS conv of beta * relu(h) where the shape changes: its
+    output has unit variance again, so the expected std restarts after such a block.
+    """
+
+    def __init__(self, in_ch, width, stride, conv, alpha: float, beta: float,
+                 bottleneck: bool = False):
+        super().__init__()
+        relu_conv = partial(conv, bias=True, gamma=RELU_GAMMA)
+        if bottleneck:
+            out_ch = width * Bottleneck.expansion
+            layers = [relu_conv(in_ch, width, 1), nn.ReLU(),
+                      relu_conv(width, width, 3, stride=stride, padding=1), nn.ReLU(),
+                      relu_conv(width, out_ch, 1)]
+        else:
+            out_ch = width
+            layers = [relu_conv(in_ch, width, 3, stride=stride, padding=1), nn.ReLU(),
+                      relu_conv(width, width, 3, padding=1)]
+        self.branch = nn.Sequential(*layers)
+        self.shortcut = (relu_conv(in_ch, out_ch, 1, stride=stride)
+                         if stride != 1 or in_ch != out_ch else None)
+        self.alpha, self.beta = alpha, beta
+        self.skip_gain = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        out = F.relu(x) * self.beta
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        return self.branch(out) * (self.skip_gain * self.alpha) + shortcut
+
+
 class ResNet(nn.Module):
     def __init__(self, depth: int, conv: type[nn.Conv2d], norm_layers: NormLayers,
                  num_classes: int = 10):
@@ -99,26 +145,38 @@ class ResNet(nn.Module):
         else:
             block, blocks = BasicBlock, [(depth - 2) // 6] * 3
             widths, stem, option_a = [16, 32, 64], 16, True
-        self.stem = nn.Sequential(conv(3, stem, 3, padding=1, bias=False),
-                                  *norm_layers.act(stem, inplace=True))
-        stages, in_ch = [], stem
+        alpha = norm_layers.nf_alpha
+        if alpha is not None:  # pre-activation: the first block's ReLU follows the stem
+            self.stem = nn.Sequential(conv(3, stem, 3, padding=1, bias=False))
+        else:
+            self.stem = nn.Sequential(conv(3, stem, 3, padding=1, bias=False),
+                                      *norm_layers.act(stem, inplace=True))
+        stages, in_ch, var = [], stem, 1.0  # var: nf's expected variance of the block input
         for i, (width, n) in enumerate(zip(widths, blocks)):
             layers = []
             for j in range(n):
                 stride = 2 if i > 0 and j == 0 else 1
                 out_ch = width * block.expansion
-                if stride == 1 and in_ch == out_ch:
-                    shortcut = nn.Identity()
-                elif option_a:
-                    shortcut = ShortcutA(stride, out_ch - in_ch)
+                if alpha is not None:
+                    layers.append(NFBlock(in_ch, width, stride, conv, alpha, 1 / math.sqrt(var),
+                                          bottleneck=block is Bottleneck))
+                    # alpha^2 more per block; 1 again after a projection shortcut
+                    var = (1.0 if stride != 1 or in_ch != out_ch else var) + alpha ** 2
                 else:
-                    shortcut = projection(conv, norm_layers, in_ch, out_ch, stride)
-                layers.append(block(in_ch, width, stride, conv, norm_layers, shortcut))
+                    if stride == 1 and in_ch == out_ch:
+                        shortcut = nn.Identity()
+                    elif option_a:
+                        shortcut = ShortcutA(stride, out_ch - in_ch)
+                    else:
+                        shortcut = projection(conv, norm_layers, in_ch, out_ch, stride)
+                    layers.append(block(in_ch, width, stride, conv, norm_layers, shortcut))
                 in_ch = out_ch
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
+        # A pre-activation net ends with the activation its last block left out.
+        self.final_act = nn.ReLU() if alpha is not None else nn.Identity()
         self.classifier = nn.Linear(in_ch, num_classes)
 
     def forward(self, x):
-        x = self.stages(self.stem(x))
+        x = self.final_act(self.stages(self.stem(x)))
         return self.classifier(F.adaptive_avg_pool2d(x, 1).flatten(1))

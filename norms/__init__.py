@@ -1,10 +1,12 @@
 """Normalization layers for micro-batch training, and WS.
 
     build_norm(name, num_channels, **options) -> nn.Module
-        bn syncbn gn ln in bcn brn frn evonorm_b0 evonorm_s0 mabn none
+        bn syncbn gn ln in bcn brn frn evonorm_b0 evonorm_s0 mabn none nf
     build_norm_act(name, num_channels, **options) -> (norm, activation)   "norm then ReLU"
-    conv_for(name, ws) -> the conv class before a norm (WSConv2d, CenConv2d for mabn, Conv2d)
-    WSConv2d                                    Weight Standardization conv
+    conv_for(name, ws) -> the conv class before a norm (WSConv2d, CenConv2d for mabn,
+                          ScaledWSConv2d for nf, Conv2d)
+    nf_alpha(name, **options) -> the NF block's alpha for nf, None for every other norm
+    WSConv2d, ScaledWSConv2d, RELU_GAMMA        Weight Standardization convs
     configure_devices(model, virtual_devices, process_group, accumulate)   set by the engine
     check_statistics(model, input_shape)        impossible set-ups, before training
 
@@ -17,14 +19,14 @@ from .check import check_statistics
 from .devices import DeviceAware, configure_devices
 from .evonorm import EvoNormB0, EvoNormS0
 from .factory import (NORM_SPECS, NORMS, OPTIONS, FusedActivation, build_norm, build_norm_act,
-                      conv_for, resolve_groups)
+                      conv_for, nf_alpha, resolve_groups)
 from .frn import FilterResponseNorm
 from .groupnorm import GroupNorm
 from .mabn import CenConv2d, MovingAverageBatchNorm
-from .ws import WSConv2d
+from .ws import RELU_GAMMA, ScaledWSConv2d, WSConv2d
 
-__all__ = ["NORMS", "NORM_SPECS", "OPTIONS", "BatchNorm", "BatchRenorm", "BatchChannelNorm",
-           "CenConv2d", "DeviceAware", "EstimatedBatchNorm", "EvoNormB0", "EvoNormS0",
-           "FilterResponseNorm", "FusedActivation", "GroupNorm", "MovingAverageBatchNorm",
-           "WSConv2d", "build_norm", "build_norm_act", "check_statistics", "configure_devices",
-           "conv_for", "resolve_groups"]
+__all__ = ["NORMS", "NORM_SPECS", "OPTIONS", "RELU_GAMMA", "BatchNorm", "BatchRenorm",
+           "BatchChannelNorm", "CenConv2d", "DeviceAware", "EstimatedBatchNorm", "EvoNormB0",
+           "EvoNormS0", "FilterResponseNorm", "FusedActivation", "GroupNorm",
+           "MovingAverageBatchNorm", "ScaledWSConv2d", "WSConv2d", "build_norm", "build_norm_act",
+           "check_statistics", "configure_devices", "conv_for", "nf_alpha", "resolve_groups"]

@@ -11,6 +11,10 @@ pair (norm, activation): a plain norm and `nn.ReLU`, or a fused layer (FRN+TLU, 
 its nonlinearity on and `FusedActivation` (an identity that marks where the activation is). A
 norm with no activation after it (the end of a residual branch, a projection shortcut) is
 `build_norm(name, C, act=False)`: the plain norm, or the fused layer with its nonlinearity off.
+
+Normalizer-free (nf): no norm at all. Its slots are identities; what it changes is the
+convolution (Scaled WS) and the residual block (`nf_alpha`: a model builds NF blocks when it is
+not None), both declared here so that a model asks instead of knowing the name.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from .evonorm import EvoNormB0, EvoNormS0
 from .frn import FilterResponseNorm
 from .groupnorm import GroupNorm
 from .mabn import CenConv2d, MovingAverageBatchNorm
+from .ws import ScaledWSConv2d
 
 DEFAULT_GROUPS = 32  # GN paper and the BCN authors' code
 
@@ -44,6 +49,7 @@ class NormSpec:
     grouped: bool = False          # takes groups / channels_per_group
     fused_act: bool = False        # replaces "norm then ReLU"; takes act
     conv: type[nn.Conv2d] = nn.Conv2d  # the convolution before it (mabn: centred filters)
+    normalizer_free: bool = False  # nf: models build NF residual blocks (alpha, beta, skip gain)
 
 
 def _bn(sync: bool) -> Callable[..., nn.Module]:
@@ -68,10 +74,14 @@ NORM_SPECS: dict[str, NormSpec] = {
         "eps": 1e-5, "momentum": 0.02, "buffer_size": 16, "warmup": 100, "renorm_from": 1000,
         "r_max": 5.0}, conv=CenConv2d),
     "none": NormSpec(lambda c: nn.Identity()),
+    # Brock et al. 2021a: no norm; Scaled WS convs and NF blocks h + alpha * skip_gain * f(beta h)
+    "nf": NormSpec(lambda c, alpha: nn.Identity(), {"alpha": 0.2}, conv=ScaledWSConv2d,
+                   normalizer_free=True),
 }
 NORMS = tuple(NORM_SPECS)
 OPTIONS = ("groups", "channels_per_group", "eps", "momentum", "sync_stats", "r_max", "d_max",
-           "renorm_from", "r_max_at", "d_max_at", "warmup", "buffer_size", "learned_eps", "act")
+           "renorm_from", "r_max_at", "d_max_at", "warmup", "buffer_size", "learned_eps", "act",
+           "alpha")
 
 
 def _number(low: float, high: float | None = None, low_open: bool = False):
@@ -94,7 +104,7 @@ CHECKS = {"eps": _number(0, low_open=True), "momentum": _number(0, 1, low_open=T
           "sync_stats": _BOOL, "learned_eps": _BOOL, "act": _BOOL,
           "r_max": _number(1), "d_max": _number(0), "renorm_from": _integer(0),
           "r_max_at": _integer(0), "d_max_at": _integer(0), "warmup": _integer(0),
-          "buffer_size": _integer(1)}
+          "buffer_size": _integer(1), "alpha": _number(0, low_open=True)}
 
 
 def resolve_groups(norm: str, num_channels: int, groups: int | None = None,
@@ -120,7 +130,7 @@ def resolve_groups(norm: str, num_channels: int, groups: int | None = None,
 def build_norm(name: str, num_channels: int, **options) -> nn.Module:
     """A normalization layer for `num_channels` channels.
 
-    name: bn, syncbn, gn, ln, in, bcn, brn, frn, evonorm_b0, evonorm_s0, mabn or none.
+    name: bn, syncbn, gn, ln, in, bcn, brn, frn, evonorm_b0, evonorm_s0, mabn, none or nf.
     options (each used by the norms named; defaults in NORM_SPECS):
       groups | channels_per_group  gn, bcn, evonorm_s0 (default 32 groups)
       eps                          every norm (1e-5; frn 1e-6)
@@ -134,6 +144,8 @@ def build_norm(name: str, num_channels: int, **options) -> nn.Module:
       warmup, buffer_size          mabn (100, 16): steps on the current batch's statistics; m
       learned_eps                  frn: eps = 1e-6 + |eps_l| learned
       act                          frn, evonorm_*: the layer's nonlinearity (default True)
+      alpha                        nf (0.2): the NF block's residual scale (used by the model;
+                                   the layer itself is an identity)
     """
     if name not in NORM_SPECS:
         raise ValueError(f"norm={name!r} is unknown; allowed: {', '.join(NORMS)}")
@@ -177,9 +189,26 @@ def build_norm_act(name: str, num_channels: int, inplace: bool = False,
 
 
 def conv_for(name: str, ws: bool) -> type[nn.Conv2d]:
-    """The convolution class before a norm: WS, or the norm's own (mabn: centred filters)."""
+    """The convolution class before a norm: WS, or the norm's own (mabn: centred filters; nf:
+    Scaled WS, which refuses WS on top)."""
     from .ws import WSConv2d
+    if ws and NORM_SPECS[name].conv is ScaledWSConv2d:
+        raise ValueError(f"norm.ws=true is invalid with norm={name!r}: its convolutions are "
+                         "Scaled WS already (a second standardisation); allowed: norm.ws=false")
     return WSConv2d if ws else NORM_SPECS[name].conv
+
+
+def nf_alpha(name: str, **options) -> float | None:
+    """The NF residual block's alpha for a normalizer-free norm (nf), checked; None for the
+    others (their models keep their own blocks)."""
+    spec = NORM_SPECS[name]
+    if not spec.normalizer_free:
+        return None
+    alpha = options.get("alpha", spec.defaults["alpha"])
+    ok, allowed = CHECKS["alpha"]
+    if not ok(alpha):
+        raise ValueError(f"{name}: alpha={alpha!r} is invalid; allowed: {allowed}")
+    return alpha
 
 
 def _check_positive_int(norm: str, key: str, value) -> None:

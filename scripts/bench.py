@@ -1,7 +1,7 @@
 """The benchmark suite: every figure is a ratio of two timings taken side by side.
 
     python scripts/bench.py [--out DIR] [--threads N] [--device cpu|cuda] [--repeats 7]
-                            [--only norm,ws,step,loader,virtual]
+                            [--only norm,ws,nf,agc,step,loader,virtual]
 
 Prints a table and, with --out, writes DIR/bench.json and DIR/table.md. The figures:
 
@@ -12,6 +12,10 @@ Prints a table and, with --out, writes DIR/bench.json and DIR/table.md. The figu
                          (F.batch_norm: brn, evonorm_b0, mabn; F.group_norm: frn, evonorm_s0)
                                   (goal <= 2.0 brn, frn, evonorm_s0; <= 3.0 evonorm_b0, mabn)
   ws_conv_vs_conv        WSConv2d / nn.Conv2d, fwd+bwd; the worse of the two shapes (goal <= 1.15)
+  scaled_ws_conv_vs_conv nf's ScaledWSConv2d (gain, gamma) / nn.Conv2d, the same     (goal <= 1.2)
+  agc_vs_clip_grad_norm  adaptive_clip_grad_ over NF ResNet-20's clipped parameters / torch's
+                         clip_grad_norm_ (foreach) over the same gradients: the price of
+                         clipping unit-wise, per optimizer step                      (goal <= 3.0)
   step_vs_bare           engine.loop.train_step / a hand-written loop (zero_grad, forward,
                          cross-entropy, backward, SGD step), same model and batch (goal <= 1.05)
   loader_vs_torchvision  engine.data.GlobalBatches batches/s / torchvision's CIFAR10 with PIL
@@ -55,11 +59,12 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from engine.agc import adaptive_clip_grad_, clipped_parameters  # noqa: E402
 from engine.data import CIFAR10_MEAN, CIFAR10_STD, GlobalBatches, load_dataset  # noqa: E402
 from engine.loop import (Process, Step, WarmupCosine, keep_freed_memory, train_epoch,  # noqa: E402
                          train_step)
 from models import build_model  # noqa: E402
-from norms import WSConv2d, build_norm, configure_devices  # noqa: E402
+from norms import RELU_GAMMA, ScaledWSConv2d, WSConv2d, build_norm, configure_devices  # noqa: E402
 
 NORMS = ("bn", "gn", "ln", "in", "bcn", "brn", "frn", "evonorm_b0", "evonorm_s0", "mabn")
 SHAPES = ((64, 64, 16, 16), (2, 64, 16, 16))  # a realistic activation, a micro-batch one
@@ -67,7 +72,8 @@ GROUPS = 8  # the project's default (engine/config.py)
 GOALS = {"norm_vs_native": ("<=", 1.5), "norm_vs_native.bcn": ("<=", 2.5),
          **{f"norm_vs_native.{n}": ("<=", 2.0) for n in ("brn", "frn", "evonorm_s0")},
          **{f"norm_vs_native.{n}": ("<=", 3.0) for n in ("evonorm_b0", "mabn")},
-         "ws_conv_vs_conv": ("<=", 1.15), "step_vs_bare": ("<=", 1.05),
+         "ws_conv_vs_conv": ("<=", 1.15), "scaled_ws_conv_vs_conv": ("<=", 1.2),
+         "agc_vs_clip_grad_norm": ("<=", 3.0), "step_vs_bare": ("<=", 1.05),
          "loader_vs_torchvision": (">=", 5.0), "virtual_vs_accumulate": (">=", 1.8)}
 
 
@@ -146,13 +152,15 @@ def norm_vs_native(shapes=SHAPES, norms=NORMS, repeats: int = 7, target_s: float
     return figure, details
 
 
-def ws_conv_vs_conv(shapes=SHAPES, repeats: int = 7, target_s: float = 0.25, device="cpu"):
-    """WSConv2d against nn.Conv2d with the same weights; the figure is the worse shape's."""
+def ws_conv_vs_conv(shapes=SHAPES, repeats: int = 7, target_s: float = 0.25, device="cpu",
+                    conv_cls=WSConv2d, **conv_options):
+    """WSConv2d (or `conv_cls`: nf's ScaledWSConv2d) against nn.Conv2d with the same weights;
+    the figure is the worse shape's."""
     details = {}
     for shape in shapes:
         c = shape[1]
         torch.manual_seed(0)
-        ws = WSConv2d(c, c, 3, padding=1, bias=False)
+        ws = conv_cls(c, c, 3, padding=1, bias=False, **conv_options)
         conv = nn.Conv2d(c, c, 3, padding=1, bias=False)
         conv.weight.data.copy_(ws.weight.data)
         ws, conv = ws.to(device), conv.to(device)
@@ -160,6 +168,22 @@ def ws_conv_vs_conv(shapes=SHAPES, repeats: int = 7, target_s: float = 0.25, dev
                                            repeats, target_s, device=device)
     worst = max(details.values(), key=lambda d: d["ratio"])
     return worst["ratio"], {**worst, "by_shape": details}
+
+
+def agc_vs_clip_grad_norm(depth: int = 20, repeats: int = 7, target_s: float = 0.1,
+                          device="cpu"):
+    """Adaptive gradient clipping (unit-wise, a loop over the parameters) against torch's
+    global-norm clip_grad_norm_ (foreach kernels) on the same NF ResNet's gradients. Both clip
+    in place; clipped gradients cost the same to clip again, so the rounds stay comparable."""
+    torch.manual_seed(0)
+    model = build_model("resnet", depth, norm="nf").to(device)
+    params = clipped_parameters(model)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    res = paired(lambda: adaptive_clip_grad_(params, 0.01),
+                 lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True), repeats,
+                 target_s, device=device)
+    return res["ratio"], {**res, "parameters": len(params)}
 
 
 # ---------------------------------------------------------------- the training step
@@ -320,7 +344,7 @@ def virtual_vs_accumulate(devices: int = 16, batch: int = 2, norm: str = "bn",
 # ---------------------------------------------------------------- the suite
 
 
-def run_suite(only=("norm", "ws", "step", "loader", "virtual"), repeats: int = 7,
+def run_suite(only=("norm", "ws", "nf", "agc", "step", "loader", "virtual"), repeats: int = 7,
               quick: bool = False, devices: int = 16, norm: str = "bn",
               allocator: str = "system default", device: str = "cpu",
               quiet: bool = False) -> dict:
@@ -336,6 +360,9 @@ def run_suite(only=("norm", "ws", "step", "loader", "virtual"), repeats: int = 7
     plan = {
         "norm": ("norm_vs_native", lambda: norm_vs_native(shapes, **timing)),
         "ws": ("ws_conv_vs_conv", lambda: ws_conv_vs_conv(shapes, **timing)),
+        "nf": ("scaled_ws_conv_vs_conv", lambda: ws_conv_vs_conv(
+            shapes, conv_cls=ScaledWSConv2d, gamma=RELU_GAMMA, **timing)),
+        "agc": ("agc_vs_clip_grad_norm", lambda: agc_vs_clip_grad_norm(depth, **timing)),
         "step": ("step_vs_bare", lambda: step_vs_bare(depth=depth, **timing)),
         "loader": ("loader_vs_torchvision", lambda: loader_vs_torchvision(
             images=640 if quick else 2560, batches=2 if quick else 0, **timing)),
@@ -417,8 +444,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides run")
     p.add_argument("--repeats", type=int, default=7, help="rounds per figure (median)")
-    p.add_argument("--only", default="norm,ws,step,loader,virtual",
-                   help="comma-separated subset of: norm, ws, step, loader, virtual")
+    p.add_argument("--only", default="norm,ws,nf,agc,step,loader,virtual",
+                   help="comma-separated subset of: norm, ws, nf, agc, step, loader, virtual")
     p.add_argument("--devices", type=int, default=16, help="virtual_vs_accumulate: K")
     p.add_argument("--norm", default="bn", help="virtual_vs_accumulate: the norm")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks, not measurements")

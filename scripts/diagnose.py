@@ -89,7 +89,7 @@ def plan(cfg) -> tuple[list[Variant], list[Variant]]:
     """The norms and GN group counts to measure; ConfigError (key, value, allowed) on the first
     bad input. Builds each model once, so nothing fails after measuring has begun."""
     d = cfg.diagnose
-    allowed = ", ".join(NORMS) + " (each also <norm>_ws)"
+    allowed = ", ".join(NORMS) + " (each but nf also <norm>_ws)"
     _require(len(d.norms) > 0, "diagnose.norms", list(d.norms), f"a non-empty list of {allowed}")
     for key in ("seeds", "batches"):
         _require(d[key] >= 1, f"diagnose.{key}", d[key], "an integer >= 1")

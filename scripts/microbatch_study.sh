@@ -16,7 +16,8 @@
 # long study's second seed and 40-epoch cells (default mabn, the short study's).
 #
 # SELECT (an extended regex, default: every cell) keeps only the matching cells, e.g. the
-# published micro-batch normalizers added later: SELECT='norm=(brn|frn|evonorm|mabn)'.
+# published micro-batch normalizers added later: SELECT='norm=(brn|frn|evonorm|mabn)', or the
+# normalizer-free cells: SELECT='norm=nf' (nf and nf_agc).
 #
 # OUT defaults to multirun/microbatch_cpu (multirun/microbatch_long); one folder per cell. The
 # cells run from a queue, JOBS (default 2) at a time with one thread each, most important first,
@@ -79,6 +80,12 @@ short_cells() {  # one cell a line: overrides, most important first
     fi
     for n in $dependent; do echo "$m norm=$n batch_size_per_device=8 seed=0"; done
   done
+  # Normalizer-free nets (norm=nf: no batch statistics, so b changes only the float order; the
+  # b = 2 and 64 cells show it), second seeds at b = 1, and nf with adaptive gradient clipping.
+  for b in 1 2 64; do echo "$R20 norm=nf batch_size_per_device=$b seed=0"; done
+  echo "$V11 norm=nf batch_size_per_device=1 seed=0"
+  for m in "$R20" "$V11"; do echo "$m norm=nf batch_size_per_device=1 seed=1"; done
+  echo "$R20 norm=nf_agc batch_size_per_device=1 seed=0"
 }
 
 long_cells() {  # the long schedule (issue 20's list), most important first

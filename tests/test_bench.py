@@ -12,6 +12,7 @@ from conftest import ROOT
 
 FIGURES = {"norm_vs_native": {"bn", "gn", "ln", "in", "bcn", "brn", "frn", "evonorm_b0",
                               "evonorm_s0", "mabn"}, "ws_conv_vs_conv": None,
+           "scaled_ws_conv_vs_conv": None, "agc_vs_clip_grad_norm": None,
            "step_vs_bare": {"2", "32"}, "loader_vs_torchvision": {"2", "128"},
            "virtual_vs_accumulate": None}
 
@@ -47,8 +48,10 @@ def test_quick_suite_writes_every_figure(tmp_path):
     for norm, shapes in result["norm_vs_native"].items():
         for shape, v in shapes.items():
             assert v == details["norm_vs_native"][norm][shape]["ratio"]
-    assert result["ws_conv_vs_conv"] == max(d["ratio"] for d in
-                                            details["ws_conv_vs_conv"]["by_shape"].values())
+    for fig in ("ws_conv_vs_conv", "scaled_ws_conv_vs_conv"):
+        assert result[fig] == max(d["ratio"] for d in details[fig]["by_shape"].values())
+    assert result["agc_vs_clip_grad_norm"] == details["agc_vs_clip_grad_norm"]["ratio"]
+    assert details["agc_vs_clip_grad_norm"]["parameters"] > 0
     for b, v in result["step_vs_bare"].items():
         assert v == details["step_vs_bare"][b]["ratio"]
     for b, v in result["loader_vs_torchvision"].items():

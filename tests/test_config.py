@@ -338,8 +338,29 @@ def test_every_queued_cell_of_the_study_composes_and_validates(study):
         assert global_batch(cfg) == 64 and cfg.data.root == "/data/cifar10"
         assert not cfg.data.download and cfg.trainer.num_threads == 1
     if study == "short":
-        assert len(cells) == 91
+        assert len(cells) == 98
         assert (cfg.trainer.epochs, cfg.data.train_subset) == (4, 20000)
+        # the normalizer-free cells close the queue
+        assert [c[0].removeprefix("/q/") for c in cells[-7:]] == [
+            "resnet20/nf_b1_s0", "resnet20/nf_b2_s0", "resnet20/nf_b64_s0", "vgg11/nf_b1_s0",
+            "resnet20/nf_b1_s1", "vgg11/nf_b1_s1", "resnet20/nf_agc_b1_s0"]
+        nf_agc = make_cfg(*cells[-1][1:])
+        assert (nf_agc.norm.name, nf_agc.optim.agc) == ("nf", 0.01)
+
+
+def test_select_keeps_the_matching_cells_of_the_queue():
+    import os
+    import subprocess
+
+    from conftest import ROOT
+    env = {**os.environ, "DRY_RUN": "1", "CIFAR10_ROOT": "/data/cifar10", "SELECT": "norm=nf",
+           "JOBS": "1"}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "microbatch_study.sh"), "/q"], env=env,
+                         capture_output=True, text=True, check=True)
+    assert [line.split()[0] for line in out.stdout.splitlines()] == [
+        "/q/resnet20/nf_b1_s0", "/q/resnet20/nf_b2_s0", "/q/resnet20/nf_b64_s0",
+        "/q/vgg11/nf_b1_s0", "/q/resnet20/nf_b1_s1", "/q/vgg11/nf_b1_s1",
+        "/q/resnet20/nf_agc_b1_s0"]
 
 
 def test_the_long_study_queues_its_cells_in_the_issues_order_on_the_long_schedule():

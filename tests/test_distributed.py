@@ -86,7 +86,7 @@ STATEFUL = ["brn norm.schedule_unit=run norm.renorm_from=0.25 norm.r_max_at=0.75
 
 
 @pytest.mark.parametrize("norm", ["bn", "syncbn", "bcn_ws", "bcn_ws norm.sync_stats=false",
-                                  *STATEFUL])
+                                  *STATEFUL, "nf_agc"])
 def test_ddp_equals_virtual_devices(tmp_path, norm):
     norm = f"norm={norm}".split()
     res = run_cli(*SMALL, *norm, "trainer.devices=2", "hydra.run.dir=ddp", cwd=tmp_path)
@@ -99,10 +99,11 @@ def test_ddp_equals_virtual_devices(tmp_path, norm):
             assert_same_run(metrics(tmp_path / "ddp"), metrics(tmp_path / "joint"))
 
 
-@pytest.mark.parametrize("norm", ["bn", "gn", *STATEFUL])
+@pytest.mark.parametrize("norm", ["bn", "gn", *STATEFUL, "nf_agc"])
 def test_accumulation_gives_the_same_training_losses(tmp_path, norm):
     """Per-device statistics only. BN's running statistics (eval) differ, as documented; the
-    newer stateful norms count optimizer steps and devices, so they give the same eval too."""
+    newer stateful norms count optimizer steps and devices, so they give the same eval too.
+    nf_agc: adaptive gradient clipping acts on the whole step's gradient, all chunks summed."""
     norm = f"norm={norm}".split()
     run(make_cfg(*SMALL, *norm, "trainer.virtual_devices=2"), tmp_path / "virtual")
     run(make_cfg(*SMALL, *norm, "trainer.accumulate=2"), tmp_path / "accumulate")

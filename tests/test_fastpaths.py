@@ -105,8 +105,9 @@ def test_every_norm_keeps_activations_channels_last_and_its_numbers(devices):
         layouts = []
         for m in last.modules():
             if isinstance(m, torch.nn.Conv2d):
+                # a 1x1 kernel's NHWC strides are its contiguous ones (nf's projections)
                 m.register_forward_hook(lambda m, i, o: layouts.append(
-                    (nhwc(m.weight), nhwc(i[0]), nhwc(o))))
+                    (nhwc(m.weight) or m.kernel_size == (1, 1), nhwc(i[0]), nhwc(o))))
         outs = []
         for model, xin in ((dense, x), (last, x.contiguous(memory_format=torch.channels_last))):
             configure_devices(model, virtual_devices=devices)

@@ -1,0 +1,48 @@
+"""Adaptive gradient clipping (Brock et al. 2021b, "High-performance large-scale image
+recognition without normalization", Sec. 4), unit-wise:
+
+    G_i <- G_i * lambda max(|W_i|, eps) / |G_i|    where |G_i| > lambda max(|W_i|, eps)
+
+for each unit i of each weight: a row over the fan-in dims in PyTorch's (out, in, ...) layout;
+a scalar or a vector (a gain, a bias) is one unit. lambda 0.01 and eps 1e-3 are the authors'
+defaults; the final classifier is not clipped (the paper's recommendation, and timm's
+exclude_head). Every other parameter is, skip gains included. The gradient is clipped as the loss
+made it, before the optimizer adds weight decay (timm's and the authors' order), after the fp16
+loss scale has been removed. |G_i| is floored at 1e-6 in the division only, as both references.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def unitwise_norm(t: torch.Tensor) -> torch.Tensor:
+    """|t_i| per unit: over every dim but the first, or the whole tensor when ndim <= 1."""
+    if t.ndim <= 1:
+        return torch.linalg.vector_norm(t)
+    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), keepdim=True)
+
+
+@torch.no_grad()
+def adaptive_clip_grad_(params: Iterable[torch.Tensor], clipping: float = 0.01,
+                        eps: float = 1e-3) -> None:
+    """Clip each parameter's .grad in place, unit-wise (the module docstring's equation)."""
+    for p in params:
+        if p.grad is None:
+            continue
+        max_norm = unitwise_norm(p).clamp_min_(eps).mul_(clipping)
+        # lambda max(|W_i|, eps) / |G_i| where that is below 1, else exactly 1 (unchanged)
+        p.grad.mul_(max_norm.div_(unitwise_norm(p.grad).clamp_min_(1e-6)).clamp_max_(1.0))
+
+
+def clipped_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every trainable parameter but the final classifier's (`model.classifier`, as the
+    harness's ResNets and VGGs name it)."""
+    head = getattr(model, "classifier", None)
+    if not isinstance(head, nn.Module):
+        raise ValueError(f"{type(model).__name__} has no `classifier` module: AGC needs to know "
+                         "the final classifier to leave it out")
+    skip = {id(p) for p in head.parameters()}
+    return [p for p in model.parameters() if p.requires_grad and id(p) not in skip]
