@@ -327,6 +327,31 @@ def test_the_queue_skips_cells_whose_committed_record_is_complete(tmp_path):
     assert "resnet20/gn_b1_s0" in left and "resnet20/bn_b64_s0_e40" in left
 
 
+def test_landed_cells_are_the_records_of_finished_ones_and_the_queue_skips_them(tmp_path):
+    """scripts/land_study.sh copies a finished cell's record (never its checkpoint or log) and
+    leaves unfinished ones; the queue pointed at the landed folder skips exactly those."""
+    import subprocess
+
+    from conftest import ROOT
+    out = tmp_path / "queue"
+    for cell, status in (("resnet20/bcn_ws_b1_s0", "completed"),
+                         ("resnet20/bn_b64_s0", "interrupted")):
+        (out / cell / "checkpoints").mkdir(parents=True)
+        (out / cell / "summary.json").write_text(json.dumps({"status": status}, indent=2))
+        for name in ("config.yaml", "metrics.jsonl", "train.log", "checkpoints/last.pt"):
+            (out / cell / name).write_text(name)
+    res = subprocess.run(["bash", str(ROOT / "scripts" / "land_study.sh"), str(out),
+                          str(tmp_path / "landed")], capture_output=True, text=True, check=True)
+    assert res.stdout.splitlines() == ["landed resnet20/bcn_ws_b1_s0",
+                                       f"1 finished cell(s) in {tmp_path / 'landed'}"]
+    landed = tmp_path / "landed" / "resnet20" / "bcn_ws_b1_s0"
+    assert sorted(p.name for p in landed.iterdir()) == ["config.yaml", "metrics.jsonl",
+                                                        "summary.json"]
+    assert not (tmp_path / "landed" / "resnet20" / "bn_b64_s0").exists()
+    left = [c[0].removeprefix("/q/") for c in _queue_cells("long", str(tmp_path / "landed"))]
+    assert "resnet20/bcn_ws_b1_s0" not in left and left[0] == "resnet20/bn_b64_s0"
+
+
 @pytest.mark.parametrize("study", ["short", "long"])
 def test_every_queued_cell_of_the_study_composes_and_validates(study):
     cells = _queue_cells(study)
