@@ -4,6 +4,7 @@ Needs no service; the report tool and resumed sweeps read it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import CheckpointError
-from .rundir import write_durably
+from .rundir import not_followed, write_durably
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -43,8 +44,20 @@ class RunRecord:
         self._log_handler: logging.Handler | None = None
 
     def attach_log(self) -> None:
-        """Append this process's log lines to train.log in the run folder (once it is ours)."""
-        handler = logging.FileHandler(self.dir / "train.log")
+        """Append this process's log lines to train.log in the run folder (once it is ours).
+        Never through a symbolic link: train.log would append to the link's target, a linked
+        checkpoints/ would receive every checkpoint (the other record files are renamed over,
+        which replaces a link instead of following it)."""
+        path = self.dir / "train.log"
+        if self.checkpoint.parent.is_symlink():
+            raise CheckpointError(not_followed(self.checkpoint.parent))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise CheckpointError(not_followed(path)) from None
+        handler = logging.StreamHandler(os.fdopen(fd, "a", encoding="utf-8"))
         handler.setFormatter(logging.Formatter(
             "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         logging.getLogger().addHandler(handler)
@@ -54,6 +67,7 @@ class RunRecord:
         if self._log_handler is not None:
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
+            self._log_handler.stream.close()  # a StreamHandler leaves its stream open
             self._log_handler = None
 
     def write_config(self, config: dict) -> None:

@@ -61,9 +61,13 @@ class RunLock:
         (or replaced) between opening and locking it; RunLocked when a live process holds it."""
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except FileNotFoundError:
             return None  # the folder went between mkdir and open (a holder's clean-up)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise RunLocked(not_followed(self.path)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -94,6 +98,12 @@ class RunLock:
         self.fd = None
         if os.environ.get(LOCK_ENV) == str(self.dir):
             del os.environ[LOCK_ENV]
+
+
+def not_followed(path: Path) -> str:
+    """The one line for a record file that is a symbolic link (it would write through it)."""
+    return (f"{path} is a symbolic link: a run never writes through a link out of its folder; "
+            "remove it, or set hydra.run.dir to another folder")
 
 
 def write_durably(path: Path, write: Callable[[BinaryIO], None]) -> None:

@@ -180,6 +180,28 @@ def test_a_finished_record_that_cannot_show_its_identity_is_refused(tmp_path, id
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "summary.json"]
 
 
+@pytest.mark.parametrize("name,status", [(".lock", 1), ("train.log", 2), ("checkpoints", 2)])
+def test_a_record_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_path, name,
+                                                                         status):
+    """`ln -s ~/victim R/.lock` once truncated the victim and wrote a pid into it; a linked
+    train.log appended to its target; a linked checkpoints/ received the checkpoints."""
+    victim = tmp_path / "victim"
+    if name == "checkpoints":
+        victim.mkdir()
+    else:
+        victim.write_text("precious\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / name).symlink_to(victim)
+    res = run_cli(*ONE, "hydra.run.dir=run", cwd=tmp_path)
+    assert res.returncode == status and res.stderr == (
+        f"error: {tmp_path / 'run' / name} is a symbolic link: a run never writes through a "
+        "link out of its folder; remove it, or set hydra.run.dir to another folder\n")
+    if name == "checkpoints":
+        assert list(victim.iterdir()) == []
+    else:
+        assert victim.read_text() == "precious\n"
+
+
 def test_the_lock_of_a_dead_process_does_not_block(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
