@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models import build_model
-from norms import DeviceAware, configure_devices
+from norms import DeviceAware, configure_devices, one_process_copy
 
 from . import checkpoint
 from .config import (PRECISIONS, ConfigError, global_batch, identity, norm_label,
@@ -306,20 +306,16 @@ def evaluate(model, split, mean, std, batch_size: int, proc: Process,
     return loss / n, 100.0 * correct / n
 
 
-def probe(model, split, mean, std, virtual_devices: int, accumulate: int,
-          proc: Process) -> dict:
+def probe(model, split, mean, std, virtual_devices: int, proc: Process) -> dict:
     """Beyond-BatchNorm probes (engine.diagnostics) at the current weights, on a fixed batch of
-    test images; side-effect free. Runs on rank 0 alone, so cross-process statistics are
-    switched to this process for the measurement."""
+    test images. Runs on rank 0 alone, on a copy of the model laid out for this process's
+    virtual devices (norms.one_process_copy): re-laying out the trained model would re-create
+    per-device state (mabn's windows and running variance), so the model is never touched."""
     from .diagnostics import measure
 
     n = virtual_devices * max(2, math.ceil(64 / virtual_devices))  # whole device-slices
     x, y = next(eval_batches(split, min(n, len(split)), mean, std, proc.device))
-    configure_devices(model, virtual_devices, None)
-    try:
-        m = measure(model, x, y)
-    finally:
-        configure_devices(model, virtual_devices, proc.group, accumulate)
+    m = measure(one_process_copy(model, virtual_devices), x, y)
     return {**m.summary(), "layers": [r.layer for r in m.layers],
             "activation_var": [r.activation_var for r in m.layers],
             "grad_norm": [r.grad_norm for r in m.layers]}
@@ -589,8 +585,7 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
                        "elapsed_s": time.perf_counter() - started}
             history.append(metrics)
             if t.probe_every and (epoch + 1) % t.probe_every == 0 and proc.is_main:
-                probes = probe(model, data.test, data.mean, data.std, t.virtual_devices,
-                               t.accumulate, proc)
+                probes = probe(model, data.test, data.mean, data.std, t.virtual_devices, proc)
                 probe_history.append({"epoch": epoch + 1, **probes})
                 tracker.log({"epoch": epoch + 1, **{f"probe/{k}": v for k, v in probes.items()
                                                     if isinstance(v, float)}})

@@ -6,6 +6,7 @@
     conv_for(name, ws) -> the conv class before a norm (WSConv2d, CenConv2d for mabn, Conv2d)
     WSConv2d                                    Weight Standardization conv
     configure_devices(model, virtual_devices, process_group, accumulate)   set by the engine
+    one_process_copy(model, virtual_devices)    a copy for a measurement on one process
     check_statistics(model, input_shape)        impossible set-ups, before training
 
 This package imports only torch.
@@ -14,7 +15,7 @@ from .batchnorm import BatchNorm
 from .batchrenorm import BatchRenorm
 from .bcn import BatchChannelNorm, EstimatedBatchNorm
 from .check import check_statistics
-from .devices import DeviceAware, configure_devices
+from .devices import DeviceAware, configure_devices, one_process_copy
 from .evonorm import EvoNormB0, EvoNormS0
 from .factory import (NORM_SPECS, NORMS, OPTIONS, FusedActivation, build_norm, build_norm_act,
                       conv_for, resolve_groups)
@@ -27,4 +28,4 @@ __all__ = ["NORMS", "NORM_SPECS", "OPTIONS", "BatchNorm", "BatchRenorm", "BatchC
            "CenConv2d", "DeviceAware", "EstimatedBatchNorm", "EvoNormB0", "EvoNormS0",
            "FilterResponseNorm", "FusedActivation", "GroupNorm", "MovingAverageBatchNorm",
            "WSConv2d", "build_norm", "build_norm_act", "check_statistics", "configure_devices",
-           "conv_for", "resolve_groups"]
+           "conv_for", "one_process_copy", "resolve_groups"]

@@ -15,7 +15,7 @@ import torch
 from engine import checkpoint
 from engine.loop import run
 
-from conftest import ROOT, TINY, assert_ran_at_once, make_cfg, run_cli
+from conftest import BATCH_DEPENDENT, ROOT, TINY, assert_ran_at_once, make_cfg, run_cli
 
 SMALL = (*TINY, "batch_size_per_device=8", "trainer.epochs=2")
 
@@ -108,6 +108,20 @@ def test_accumulation_gives_the_same_training_losses(tmp_path, norm):
     run(make_cfg(*SMALL, *norm, "trainer.accumulate=2"), tmp_path / "accumulate")
     assert_same_run(metrics(tmp_path / "virtual"), metrics(tmp_path / "accumulate"),
                     train_only=norm == ["norm=bn"])
+
+
+@pytest.mark.parametrize("norm", BATCH_DEPENDENT)
+def test_probes_on_two_processes_leave_every_batch_dependent_norm_unchanged(tmp_path, norm):
+    """Rank 0 probes a copy laid out for its own devices; laying out the trained model for one
+    process wiped mabn's windows and running variance (and bcn's private estimates) of both
+    processes, and the checkpoint held the wiped state."""
+    args = (*SMALL, *f"norm={norm}".split(), "trainer.epochs=1", "trainer.devices=2")
+    for probe_every in (0, 1):
+        res = run_cli(*args, f"trainer.probe_every={probe_every}",
+                      f"hydra.run.dir=probe{probe_every}", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "probe1" / "probes.jsonl").exists()
+    assert_same_end(tmp_path / "probe1", tmp_path / "probe0")
 
 
 @pytest.mark.parametrize("launcher", ["basic", "parallel"])

@@ -22,9 +22,9 @@ from engine.data import GlobalBatches, load_dataset
 from engine.loop import Process, Step, evaluate, run, train_epoch
 from engine.records import RunRecord, code_version
 from models import build_model
-from norms import NORMS, configure_devices
+from norms import NORMS, DeviceAware, build_norm, configure_devices
 
-from conftest import ROOT, TINY, assert_ran_at_once, make_cfg, run_cli
+from conftest import BATCH_DEPENDENT, ROOT, TINY, assert_ran_at_once, make_cfg, run_cli
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
                "images_per_sec", "elapsed_s"}
@@ -483,9 +483,34 @@ def test_probes_during_training_leave_the_run_unchanged(tmp_path):
         assert {"var_growth", "grad_ratio", "cosine_similarity", "stable_rank"} <= set(p)
         assert len(p["layers"]) == len(p["activation_var"]) == len(p["grad_norm"]) == 3
         assert all(v > 0 for v in p["activation_var"])
-    a = checkpoint.load(tmp_path / "plain/checkpoints/last.pt")["model"]
-    b = checkpoint.load(tmp_path / "probed/checkpoints/last.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_state(tmp_path / "plain", tmp_path / "probed")
+
+
+def assert_same_state(a_dir, b_dir) -> None:
+    """The checkpoints of two runs hold the same weights and buffers, bit for bit."""
+    a, b = (checkpoint.load(d / "checkpoints/last.pt")["model"] for d in (a_dir, b_dir))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_batch_dependent_covers_every_device_aware_norm():
+    aware = {n for n in NORMS if any(isinstance(m, DeviceAware)
+                                     for m in build_norm(n, 32).modules())}
+    assert aware == {n.split()[0].removesuffix("_ws") for n in BATCH_DEPENDENT}
+
+
+@pytest.mark.parametrize("norm", BATCH_DEPENDENT)
+def test_probes_with_accumulation_leave_every_batch_dependent_norm_unchanged(tmp_path, norm):
+    """A probe measures a copy laid out for one process: re-laying out the trained model
+    (accumulate 2 -> 1) re-created mabn's windows and running variance, which the checkpoint
+    then held and epoch 2 trained from."""
+    base = (*TINY, *f"norm={norm}".split(), "trainer.virtual_devices=2", "trainer.accumulate=2",
+            "batch_size_per_device=8")
+    plain = run(make_cfg(*base), tmp_path / "plain")
+    probed = run(make_cfg(*base, "trainer.probe_every=1"), tmp_path / "probed")
+    assert (plain["test_loss"], plain["train_loss"]) == (probed["test_loss"], probed["train_loss"])
+    assert_same_state(tmp_path / "plain", tmp_path / "probed")
 
 
 @pytest.mark.parametrize("overrides, warned", [
