@@ -110,8 +110,8 @@ class LoggerConfig:
     entity: Optional[str] = None
     group: Optional[str] = None      # default: the experiment name
     tags: list[str] = field(default_factory=list)
-    log_every: int = 50              # training curves every N optimizer steps (0: per epoch),
-    #                                  read at the first trainer.check_every check after each
+    log_every: int = 50              # training curves every N optimizer steps of an epoch
+    #                                  (0: per epoch only), each a check (a host sync)
 
 
 @dataclass

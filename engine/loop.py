@@ -241,9 +241,10 @@ def train_epoch(net, optimizer, scheduler, batches: GlobalBatches, epoch: int, p
     """One epoch of optimizer steps; returns (loss sum, correct, images) tensors of this process.
 
     `net` is the model, or its DDP / compiled wrapper. Losses are summed on the device and read
-    back (and checked, by all processes together) every `check_every` steps only: the hot loop
-    has no other host sync. The progress bar and, at the first check after every `log_every`
-    steps, the tracker show the values read at those checks.
+    back (and checked, by all processes together) every `check_every` steps and, for the
+    tracker's training curves, every `log_every` steps (0: none): the hot loop has no other
+    host sync. Every process must get the same `log_every` (the checks are collective), so it
+    is the config's, or 0 when no process tracks. The progress bar shows the values read.
     """
     g = batches.global_batch
     rows = g // proc.world_size
@@ -252,11 +253,11 @@ def train_epoch(net, optimizer, scheduler, batches: GlobalBatches, epoch: int, p
             torch.zeros((), device=proc.device, dtype=torch.long))
     seen = 0
     window = (0.0, 0.0, 0, time.perf_counter())  # loss sum, correct, images, time at last log
-    next_log = log_every
     for i, (x, y) in enumerate(batches.epoch(epoch, start, start + rows), 1):
         train_step(net, optimizer, scheduler, x, y, sums, step)
         seen += len(y)
-        if i % check_every == 0:
+        log_now = bool(log_every) and i % log_every == 0
+        if i % check_every == 0 or log_now:
             totals = reduce_sum(torch.stack([sums[0], sums[1].double()]), proc)
             if not torch.isfinite(totals[0]):
                 break
@@ -264,11 +265,9 @@ def train_epoch(net, optimizer, scheduler, batches: GlobalBatches, epoch: int, p
                 rate = seen * proc.world_size / max(bar.format_dict["elapsed"], 1e-9)
                 bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}",
                                 acc=f"{100 * sums[1].item() / seen:.1f}", img_s=f"{rate:.0f}")
-            if tracker is not None and tracker.run is not None and log_every \
-                    and i >= next_log:
+            if log_now and tracker is not None and tracker.run is not None:
                 window = log_window(tracker, window, totals.tolist(), seen * proc.world_size,
                                     epoch, i, len(batches), g, scheduler.get_last_lr()[0])
-                next_log = (i // log_every + 1) * log_every  # the next boundary after i
         if bar is not None:
             bar.update(1)
     return sums[0], sums[1], torch.tensor(seen, device=proc.device)
@@ -553,6 +552,8 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
              cfg.batch_size_per_device, t.devices, t.virtual_devices, t.accumulate, g, lr, steps,
              proc.device)
 
+    # Curves cost a check (a host sync) at each log point: none when no process tracks.
+    log_every = cfg.logger.log_every if cfg.logger.mode != "disabled" else 0
     status, started = "completed", time.perf_counter() - elapsed0
     epoch = first_epoch
     ctrl_c = CtrlC()
@@ -564,7 +565,7 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
                        disable=not show, dynamic_ncols=True) if show else None
             tic = time.perf_counter()
             sums = train_epoch(net, optimizer, scheduler, batches, epoch, proc, step,
-                               t.check_every, bar, tracker, cfg.logger.log_every)
+                               t.check_every, bar, tracker, log_every)
             train_time = time.perf_counter() - tic
             if bar is not None:
                 bar.close()

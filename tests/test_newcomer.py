@@ -66,7 +66,8 @@ class FakeTracker:
 def test_training_curves_are_logged_within_epochs(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "Tracker", FakeTracker)
     FakeTracker.logged = []
-    cfg = make_cfg(*TINY, "trainer.epochs=2", "trainer.check_every=2", "logger.log_every=4")
+    cfg = make_cfg(*TINY, "trainer.epochs=2", "trainer.check_every=2", "logger.log_every=4",
+                   "logger.mode=offline")
     summary = loop.run(cfg, tmp_path)
     steps = [m for m in FakeTracker.logged if "step/train_loss" in m]
     epochs = [m for m in FakeTracker.logged if "test_acc" in m]
@@ -83,14 +84,22 @@ def test_training_curves_are_logged_within_epochs(tmp_path, monkeypatch):
     assert summary["best_test_acc"] == max(m["test_acc"] for m in epochs)
 
 
-def test_curves_are_read_at_the_checks_that_exist_anyway(tmp_path, monkeypatch):
-    """log_every=3 with checks every 2 steps: logged at steps 4 and 6 (the first checks at or
-    after steps 3 and 6), never at a step without a check."""
+def test_curves_are_logged_every_log_every_steps_whatever_check_every(tmp_path, monkeypatch):
+    """log_every=3 with checks every 5 steps (8 steps an epoch): logged at steps 3 and 6, each
+    its own check, not at the checks; with wandb disabled the log points add no check."""
     monkeypatch.setattr(loop, "Tracker", FakeTracker)
+    checks = []
+    reduce_sum = loop.reduce_sum
+    monkeypatch.setattr(loop, "reduce_sum", lambda t, proc: checks.append(t.numel()) or
+                        reduce_sum(t, proc))
+    args = (*TINY, "trainer.epochs=1", "trainer.check_every=5", "logger.log_every=3")
     FakeTracker.logged = []
-    loop.run(make_cfg(*TINY, "trainer.epochs=1", "trainer.check_every=2",
-                      "logger.log_every=3"), tmp_path)
-    assert [m["images_seen"] for m in FakeTracker.logged if "step/lr" in m] == [128, 192]
+    loop.run(make_cfg(*args, "logger.mode=offline"), tmp_path / "offline")
+    assert [m["images_seen"] for m in FakeTracker.logged if "step/lr" in m] == [96, 192]
+    assert checks.count(2) == 3  # steps 3, 5 and 6 (a check reduces [loss sum, correct])
+    checks.clear()
+    loop.run(make_cfg(*args), tmp_path / "disabled")
+    assert checks.count(2) == 1  # step 5 only
     with pytest.raises(ValueError, match=r"logger.log_every=-1 is invalid"):
         validate(make_cfg(*TINY, "logger.log_every=-1"))
 
