@@ -38,7 +38,7 @@ from norms import DeviceAware, configure_devices, one_process_copy
 from . import checkpoint
 from .config import (PRECISIONS, ConfigError, global_batch, identity, norm_label,
                      norm_options)
-from .data import GlobalBatches, eval_batches, load_dataset
+from .data import GlobalBatches, eval_batches, load_dataset, shard_bounds
 from .records import RunRecord, code_version
 from .rundir import RunLock
 from .tracking import Tracker
@@ -289,16 +289,25 @@ def log_window(tracker: Tracker, window: tuple, totals: list[float], images: int
 
 @torch.no_grad()
 def evaluate(model, split, mean, std, batch_size: int, proc: Process,
-             memory_format: torch.memory_format = torch.contiguous_format):
-    """Loss and accuracy over the whole test set, each image exactly once across processes."""
+             memory_format: torch.memory_format = torch.contiguous_format,
+             desc: str | None = None):
+    """Loss and accuracy over the whole test set, each image exactly once across processes.
+    desc: show a progress bar of this process's images under that title (None: no bar)."""
     model.eval()
     sums = torch.zeros(3, device=proc.device, dtype=torch.float64)
+    lo, hi = shard_bounds(len(split), proc.rank, proc.world_size)
+    bar = tqdm(total=hi - lo, desc=desc, unit="img", leave=False, dynamic_ncols=True) \
+        if desc is not None else None
     for x, y in eval_batches(split, batch_size, mean, std, proc.device, proc.rank,
                              proc.world_size):
         out = model(x.contiguous(memory_format=memory_format))
         sums[0] += F.cross_entropy(out, y, reduction="sum")
         sums[1] += (out.argmax(1) == y).sum()
         sums[2] += len(y)
+        if bar is not None:
+            bar.update(len(y))
+    if bar is not None:
+        bar.close()
     model.train()
     reduce_sum(sums, proc)
     loss, correct, n = sums.tolist()
@@ -578,7 +587,8 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
                 break
             sync_buffers(model, proc)
             test_loss, test_acc = evaluate(model, data.test, data.mean, data.std,
-                                           cfg.data.eval_batch_size, proc, step.memory_format)
+                                           cfg.data.eval_batch_size, proc, step.memory_format,
+                                           f"epoch {epoch + 1}/{t.epochs} test" if show else None)
             metrics = {"epoch": epoch + 1, "train_loss": train_loss,
                        "train_acc": 100.0 * (correct / seen).item(), "test_loss": test_loss,
                        "test_acc": test_acc, "lr": scheduler.get_last_lr()[0],

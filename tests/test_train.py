@@ -513,6 +513,37 @@ def test_probes_with_accumulation_leave_every_batch_dependent_norm_unchanged(tmp
     assert_same_state(tmp_path / "plain", tmp_path / "probed")
 
 
+class FakeBar:
+    """tqdm's part the loop uses, recorded."""
+    bars: list = []
+
+    def __init__(self, total=None, desc=None, **kwargs):
+        self.total, self.desc, self.n, self.closed = total, desc, 0, False
+        self.format_dict = {"elapsed": 1.0}
+        FakeBar.bars.append(self)
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_progress_bar_shows_the_evaluation_too(tmp_path, monkeypatch):
+    """On a terminal, every epoch has a bar for its training steps and one for its test images
+    (a CPU evaluates for seconds)."""
+    monkeypatch.setattr(loop, "tqdm", FakeBar)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    FakeBar.bars = []
+    run(make_cfg(*TINY), tmp_path)  # 8 steps an epoch, 64 test images
+    assert [(b.desc, b.total, b.n, b.closed) for b in FakeBar.bars] == [
+        ("epoch 1/2", 8, 8, True), ("epoch 1/2 test", 64, 64, True),
+        ("epoch 2/2", 8, 8, True), ("epoch 2/2 test", 64, 64, True)]
+
+
 @pytest.mark.parametrize("overrides, warned", [
     (["norm=brn"], True),                       # the paper's 5,000 steps > a 384-step run
     (["norm=brn", *BRN_IN_RUN], False),
