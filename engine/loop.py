@@ -549,11 +549,13 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
         restore(state, record.checkpoint, model, optimizer, scheduler, step)
         history, first_epoch, elapsed0 = state["history"], state["epoch"], state["elapsed_s"]
         probe_history = state.get("probes", [])
-        log.info("resuming %s from epoch %d", record.checkpoint, first_epoch)
 
     if proc.is_main:
         record.write_config(OmegaConf.to_container(cfg, resolve=True))
         record.attach_log()
+    if state is not None:  # after attach_log: train.log says it too
+        log.info("resuming from %s (epoch %d/%d done)", record.checkpoint, first_epoch,
+                 t.epochs)
     tracker = Tracker(cfg.logger, record.dir, {**info, **ident}, cfg.logger.group or cfg.name,
                       proc.is_main)
     log.info("%s%d %s | b=%d x %d device(s) x %d virtual x %d accumulate = %d | lr %.4g | "

@@ -239,7 +239,7 @@ def test_sigkill_mid_epoch_then_rerun_ends_bit_exactly(tmp_path, norm):
 
     resumed = run_cli(*args, "hydra.run.dir=killed", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "from epoch 1" in resumed.stdout + resumed.stderr
+    assert f"resuming from {ckpt} (epoch 1/3 done)" in resumed.stdout + resumed.stderr
     a, b = _state(tmp_path / "ref/checkpoints/last.pt"), _state(ckpt)
     assert a.keys() == b.keys()
     for k in a:
@@ -511,6 +511,17 @@ def test_probes_with_accumulation_leave_every_batch_dependent_norm_unchanged(tmp
     probed = run(make_cfg(*base, "trainer.probe_every=1"), tmp_path / "probed")
     assert (plain["test_loss"], plain["train_loss"]) == (probed["test_loss"], probed["train_loss"])
     assert_same_state(tmp_path / "plain", tmp_path / "probed")
+
+
+def test_a_resumed_run_says_from_which_checkpoint_and_epoch(tmp_path, caplog):
+    cfg = make_cfg(*TINY)
+    run(cfg, tmp_path)
+    (tmp_path / "summary.json").unlink()  # as if killed after the last checkpoint
+    with caplog.at_level(logging.INFO, logger=loop.log.name):
+        run(cfg, tmp_path)
+    line = f"resuming from {tmp_path / 'checkpoints' / 'last.pt'} (epoch 2/2 done)"
+    assert [r.getMessage() for r in caplog.records].count(line) == 1
+    assert (tmp_path / "train.log").read_text().count(line) == 1
 
 
 class FakeBar:
