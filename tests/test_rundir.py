@@ -5,6 +5,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -144,6 +145,19 @@ def test_durable_writes_leave_the_old_file_or_the_new_one(tmp_path, monkeypatch)
     # each time: the temporary file before its rename, then the folder after it
     assert [Path(p).parent == tmp_path and Path(p).name.endswith(".tmp") for p in synced[::2]] \
         == [True, True] and synced[1::2] == [str(tmp_path)] * 2
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_record_files_follow_the_umask_as_train_log_does(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        loop.run(make_cfg(*ONE, "trainer.probe_every=1"), tmp_path)
+    finally:
+        os.umask(old)
+    files = ["config.yaml", "metrics.jsonl", "probes.jsonl", "summary.json", "train.log",
+             "checkpoints/last.pt"]
+    modes = {f: stat.S_IMODE((tmp_path / f).stat().st_mode) for f in files}
+    assert modes == dict.fromkeys(files, 0o666 & ~umask)
 
 
 @pytest.mark.parametrize("damage", ["empty", "wrong types", "wrong model"])
