@@ -1,6 +1,7 @@
 """The newcomer's path: the README's quick-start commands run as printed, training curves reach
 the tracker within epochs, the wandb sweep file drives train.py, and what the commands create
 is ignored by git."""
+import ast
 import re
 import subprocess
 import sys
@@ -34,6 +35,19 @@ def readme_commands(*sections: str) -> list[str]:
 def test_the_readme_says_how_to_activate_the_environment():
     two = (ROOT / "README.md").read_text().split("\n## Two commands\n", 1)[1].split("\n## ")[0]
     assert "source .venv/bin/activate" in two
+
+
+def test_the_readme_describes_every_file_the_report_writes():
+    """The files listed in scripts/report.py's docstring ("Writes to DIR:") are each named in
+    the README's paragraph on the report (the study section)."""
+    doc = ast.get_docstring(ast.parse((ROOT / "scripts" / "report.py").read_text()))
+    listed = doc.split("Writes to DIR:", 1)[1].split("Exit status", 1)[0]
+    files = re.findall(r"^  (\S+\.(?:csv|md|png))\s", listed, re.M)
+    assert "ranking.md" in files and len(files) >= 4
+    text = (ROOT / "README.md").read_text()
+    study = text.split("\n## The micro-batch study", 1)[1].split("\n## ", 1)[0]
+    paragraph = study.split("`scripts/report.py RUN_DIRS...", 1)[1].split("\n\n", 1)[0]
+    assert [f for f in files if f"`{f}`" not in paragraph] == []
 
 
 def test_every_quick_start_command_runs_as_printed(tmp_path):
