@@ -5,6 +5,7 @@ import ast
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -48,6 +49,18 @@ def test_the_readme_describes_every_file_the_report_writes():
     study = text.split("\n## The micro-batch study", 1)[1].split("\n## ", 1)[0]
     paragraph = study.split("`scripts/report.py RUN_DIRS...", 1)[1].split("\n\n", 1)[0]
     assert [f for f in files if f"`{f}`" not in paragraph] == []
+
+
+def test_torchrun_threads_banner_is_explained_where_torchrun_is():
+    """torchrun prints its OMP_NUM_THREADS banner before train.py runs (torch/distributed/
+    run.py), which only the user's environment can prevent: the Devices section says so."""
+    import torch.distributed.run as torchrun
+    assert "Setting OMP_NUM_THREADS" in Path(torchrun.__file__).read_text()
+    devices = (ROOT / "README.md").read_text().split("\n## Devices", 1)[1].split("\n## ", 1)[0]
+    bullet = devices.split("- **CPU threads.**", 1)[1].split("\n- ", 1)[0]
+    for words in ("Setting OMP_NUM_THREADS", "`OMP_NUM_THREADS=4 torchrun ...`",
+                  "`trainer.num_threads=4`", "`trainer.devices=N` prints no banner"):
+        assert words in bullet, words
 
 
 def test_every_quick_start_command_runs_as_printed(tmp_path):
