@@ -7,9 +7,10 @@ arXiv 1911.09737). Batch-independent: every statistic is one sample's, one chann
 
 eps is a constant (1e-6, the paper's value for conv layers), or with `learned_eps` the paper's
 learned form eps + |eps_l|, one scalar eps_l per layer initialised to 1e-4 (meant for 1x1 maps,
-where nu2 is one value), whose floor eps is the paper's 1e-6 by default. timm's FilterResponseNormTlu2d is the same maths with eps
-fixed at 1e-5. FRN+TLU replaces "norm then ReLU"; with act=False (the end of a residual
-branch) it is FRN without the TLU, as timm's apply_act=False.
+where nu2 is one value), eps then the floor (the paper's 1e-6 by default). timm's
+FilterResponseNormTlu2d is the same maths with eps fixed at 1e-5. FRN+TLU replaces "norm then
+ReLU"; with act=False (the end of a residual branch) it is FRN without the TLU, as timm's
+apply_act=False.
 """
 from __future__ import annotations
 
