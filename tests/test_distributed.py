@@ -198,7 +198,7 @@ def test_killed_worker_fails_the_job_fast_and_rerun_resumes(tmp_path, uninterrup
 
     again = run_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"from epoch {resume_from}" in again.stdout + again.stderr
+    assert f"(epoch {resume_from}/3 done)" in again.stdout + again.stderr
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs_completed"] == 3
     assert_same_end(tmp_path / "job", uninterrupted / "self")
@@ -222,7 +222,7 @@ def test_torchrun_max_restarts_resumes_after_a_killed_worker(tmp_path, uninterru
         job.kill()
         pytest.fail("torchrun did not restart and finish the job")
     assert job.returncode == 0, out[-3000:]
-    resumed = re.findall(r"resuming \S+ from epoch (\d+)", out)
+    resumed = re.findall(r"resuming from \S+ \(epoch (\d+)/3 done\)", out)
     assert len(resumed) == 1 and 1 <= int(resumed[0]) < 3, out[-3000:]  # restarted once, mid-run
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs_completed"] == 3
