@@ -55,13 +55,13 @@ class NormConfig:
     r_max: Optional[float] = None    # brn, mabn: r clipped to [1/r_max, r_max]
     d_max: Optional[float] = None    # brn: d clipped to [-d_max, d_max]
     # Optimizer steps, or fractions of the run's steps with schedule_unit=run:
-    renorm_from: Optional[float] = None  # brn, mabn: r = 1 (and d = 0) until this step
+    renorm_from: Optional[float] = None  # brn, mabn: r = 1 (and d = 0) for this many steps
     r_max_at: Optional[float] = None     # brn: r_max reached (linear from renorm_from)
     d_max_at: Optional[float] = None     # brn: d_max reached
     warmup: Optional[float] = None       # mabn: steps on the current batch's statistics
     schedule_unit: str = "steps"     # steps | run
     simulated_batch: Optional[int] = None  # mabn: averages over simulated_batch / b steps
-    learned_eps: bool = False        # frn: eps = 1e-6 + |eps_l|, learned
+    learned_eps: bool = False        # frn: eps + |eps_l|, eps_l learned (eps the floor)
     alpha: Optional[float] = None    # nf: the NF block's residual scale (default 0.2)
 
 
@@ -117,8 +117,8 @@ class LoggerConfig:
     entity: Optional[str] = None
     group: Optional[str] = None      # default: the experiment name
     tags: list[str] = field(default_factory=list)
-    log_every: int = 50              # training curves every N optimizer steps (0: per epoch),
-    #                                  read at the first trainer.check_every check after each
+    log_every: int = 50              # training curves every N optimizer steps of an epoch
+    #                                  (0: per epoch only), each a check (a host sync)
 
 
 @dataclass

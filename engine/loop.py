@@ -33,13 +33,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from models import build_model
-from norms import DeviceAware, configure_devices
+from norms import DeviceAware, configure_devices, one_process_copy
 
 from . import checkpoint
 from .config import (PRECISIONS, ConfigError, global_batch, identity, norm_label,
                      norm_options)
 from .agc import adaptive_clip_grad_, clipped_parameters
-from .data import GlobalBatches, eval_batches, load_dataset
+from .data import GlobalBatches, eval_batches, load_dataset, shard_bounds
 from .records import RunRecord, code_version
 from .rundir import RunLock
 from .tracking import Tracker
@@ -250,9 +250,10 @@ def train_epoch(net, optimizer, scheduler, batches: GlobalBatches, epoch: int, p
     """One epoch of optimizer steps; returns (loss sum, correct, images) tensors of this process.
 
     `net` is the model, or its DDP / compiled wrapper. Losses are summed on the device and read
-    back (and checked, by all processes together) every `check_every` steps only: the hot loop
-    has no other host sync. The progress bar and, at the first check after every `log_every`
-    steps, the tracker show the values read at those checks.
+    back (and checked, by all processes together) every `check_every` steps and, for the
+    tracker's training curves, every `log_every` steps (0: none): the hot loop has no other
+    host sync. Every process must get the same `log_every` (the checks are collective), so it
+    is the config's, or 0 when no process tracks. The progress bar shows the values read.
     """
     g = batches.global_batch
     rows = g // proc.world_size
@@ -261,11 +262,11 @@ def train_epoch(net, optimizer, scheduler, batches: GlobalBatches, epoch: int, p
             torch.zeros((), device=proc.device, dtype=torch.long))
     seen = 0
     window = (0.0, 0.0, 0, time.perf_counter())  # loss sum, correct, images, time at last log
-    next_log = log_every
     for i, (x, y) in enumerate(batches.epoch(epoch, start, start + rows), 1):
         train_step(net, optimizer, scheduler, x, y, sums, step)
         seen += len(y)
-        if i % check_every == 0:
+        log_now = bool(log_every) and i % log_every == 0
+        if i % check_every == 0 or log_now:
             totals = reduce_sum(torch.stack([sums[0], sums[1].double()]), proc)
             if not torch.isfinite(totals[0]):
                 break
@@ -273,11 +274,9 @@ def train_epoch(net, optimizer, scheduler, batches: GlobalBatches, epoch: int, p
                 rate = seen * proc.world_size / max(bar.format_dict["elapsed"], 1e-9)
                 bar.set_postfix(loss=f"{sums[0].item() / seen:.3f}",
                                 acc=f"{100 * sums[1].item() / seen:.1f}", img_s=f"{rate:.0f}")
-            if tracker is not None and tracker.run is not None and log_every \
-                    and i >= next_log:
+            if log_now and tracker is not None and tracker.run is not None:
                 window = log_window(tracker, window, totals.tolist(), seen * proc.world_size,
                                     epoch, i, len(batches), g, scheduler.get_last_lr()[0])
-                next_log = (i // log_every + 1) * log_every  # the next boundary after i
         if bar is not None:
             bar.update(1)
     return sums[0], sums[1], torch.tensor(seen, device=proc.device)
@@ -299,36 +298,41 @@ def log_window(tracker: Tracker, window: tuple, totals: list[float], images: int
 
 @torch.no_grad()
 def evaluate(model, split, mean, std, batch_size: int, proc: Process,
-             memory_format: torch.memory_format = torch.contiguous_format):
-    """Loss and accuracy over the whole test set, each image exactly once across processes."""
+             memory_format: torch.memory_format = torch.contiguous_format,
+             desc: str | None = None):
+    """Loss and accuracy over the whole test set, each image exactly once across processes.
+    desc: show a progress bar of this process's images under that title (None: no bar)."""
     model.eval()
     sums = torch.zeros(3, device=proc.device, dtype=torch.float64)
+    lo, hi = shard_bounds(len(split), proc.rank, proc.world_size)
+    bar = tqdm(total=hi - lo, desc=desc, unit="img", leave=False, dynamic_ncols=True) \
+        if desc is not None else None
     for x, y in eval_batches(split, batch_size, mean, std, proc.device, proc.rank,
                              proc.world_size):
         out = model(x.contiguous(memory_format=memory_format))
         sums[0] += F.cross_entropy(out, y, reduction="sum")
         sums[1] += (out.argmax(1) == y).sum()
         sums[2] += len(y)
+        if bar is not None:
+            bar.update(len(y))
+    if bar is not None:
+        bar.close()
     model.train()
     reduce_sum(sums, proc)
     loss, correct, n = sums.tolist()
     return loss / n, 100.0 * correct / n
 
 
-def probe(model, split, mean, std, virtual_devices: int, accumulate: int,
-          proc: Process) -> dict:
+def probe(model, split, mean, std, virtual_devices: int, proc: Process) -> dict:
     """Beyond-BatchNorm probes (engine.diagnostics) at the current weights, on a fixed batch of
-    test images; side-effect free. Runs on rank 0 alone, so cross-process statistics are
-    switched to this process for the measurement."""
+    test images. Runs on rank 0 alone, on a copy of the model laid out for this process's
+    virtual devices (norms.one_process_copy): re-laying out the trained model would re-create
+    per-device state (mabn's windows and running variance), so the model is never touched."""
     from .diagnostics import measure
 
     n = virtual_devices * max(2, math.ceil(64 / virtual_devices))  # whole device-slices
     x, y = next(eval_batches(split, min(n, len(split)), mean, std, proc.device))
-    configure_devices(model, virtual_devices, None)
-    try:
-        m = measure(model, x, y)
-    finally:
-        configure_devices(model, virtual_devices, proc.group, accumulate)
+    m = measure(one_process_copy(model, virtual_devices), x, y)
     return {**m.summary(), "layers": [r.layer for r in m.layers],
             "activation_var": [r.activation_var for r in m.layers],
             "grad_norm": [r.grad_norm for r in m.layers]}
@@ -561,11 +565,13 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
         restore(state, record.checkpoint, model, optimizer, scheduler, step)
         history, first_epoch, elapsed0 = state["history"], state["epoch"], state["elapsed_s"]
         probe_history = state.get("probes", [])
-        log.info("resuming %s from epoch %d", record.checkpoint, first_epoch)
 
     if proc.is_main:
         record.write_config(OmegaConf.to_container(cfg, resolve=True))
         record.attach_log()
+    if state is not None:  # after attach_log: train.log says it too
+        log.info("resuming from %s (epoch %d/%d done)", record.checkpoint, first_epoch,
+                 t.epochs)
     tracker = Tracker(cfg.logger, record.dir, {**info, **ident}, cfg.logger.group or cfg.name,
                       proc.is_main)
     log.info("%s%d %s | b=%d x %d device(s) x %d virtual x %d accumulate = %d | lr %.4g | "
@@ -573,6 +579,8 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
              cfg.batch_size_per_device, t.devices, t.virtual_devices, t.accumulate, g, lr, steps,
              proc.device)
 
+    # Curves cost a check (a host sync) at each log point: none when no process tracks.
+    log_every = cfg.logger.log_every if cfg.logger.mode != "disabled" else 0
     status, started = "completed", time.perf_counter() - elapsed0
     epoch = first_epoch
     ctrl_c = CtrlC()
@@ -584,7 +592,7 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
                        disable=not show, dynamic_ncols=True) if show else None
             tic = time.perf_counter()
             sums = train_epoch(net, optimizer, scheduler, batches, epoch, proc, step,
-                               t.check_every, bar, tracker, cfg.logger.log_every)
+                               t.check_every, bar, tracker, log_every)
             train_time = time.perf_counter() - tic
             if bar is not None:
                 bar.close()
@@ -597,7 +605,8 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
                 break
             sync_buffers(model, proc)
             test_loss, test_acc = evaluate(model, data.test, data.mean, data.std,
-                                           cfg.data.eval_batch_size, proc, step.memory_format)
+                                           cfg.data.eval_batch_size, proc, step.memory_format,
+                                           f"epoch {epoch + 1}/{t.epochs} test" if show else None)
             metrics = {"epoch": epoch + 1, "train_loss": train_loss,
                        "train_acc": 100.0 * (correct / seen).item(), "test_loss": test_loss,
                        "test_acc": test_acc, "lr": scheduler.get_last_lr()[0],
@@ -605,8 +614,7 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
                        "elapsed_s": time.perf_counter() - started}
             history.append(metrics)
             if t.probe_every and (epoch + 1) % t.probe_every == 0 and proc.is_main:
-                probes = probe(model, data.test, data.mean, data.std, t.virtual_devices,
-                               t.accumulate, proc)
+                probes = probe(model, data.test, data.mean, data.std, t.virtual_devices, proc)
                 probe_history.append({"epoch": epoch + 1, **probes})
                 tracker.log({"epoch": epoch + 1, **{f"probe/{k}": v for k, v in probes.items()
                                                     if isinstance(v, float)}})

@@ -8,7 +8,8 @@
   processes can never both believe they hold the folder.
 - `write_durably`: a unique temporary file beside the target, flushed and fsynced, renamed over
   it, and the folder fsynced: the file is the old one or the new one, never a partial one, and
-  two writers never share a temporary name.
+  two writers never share a temporary name. Its mode is 0666 less the umask, as for any file
+  open() creates (train.log): the record is meant to be shared.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import contextlib
 import errno
 import fcntl
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -112,7 +113,7 @@ def write_durably(path: Path, write: Callable[[BinaryIO], None]) -> None:
     was; the OSError (disk full, file-size limit) propagates."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -128,3 +129,14 @@ def write_durably(path: Path, write: Callable[[BinaryIO], None]) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def _create_beside(path: Path) -> tuple[int, str]:
+    """A new, uniquely named temporary file beside `path`: (fd, name). Created with mode 0666
+    for the kernel to apply the umask (mkstemp's 0600 would make every record private)."""
+    while True:
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue

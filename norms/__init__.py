@@ -8,6 +8,7 @@
     nf_alpha(name, **options) -> the NF block's alpha for nf, None for every other norm
     WSConv2d, ScaledWSConv2d, RELU_GAMMA        Weight Standardization convs
     configure_devices(model, virtual_devices, process_group, accumulate)   set by the engine
+    one_process_copy(model, virtual_devices)    a copy for a measurement on one process
     check_statistics(model, input_shape)        impossible set-ups, before training
 
 This package imports only torch.
@@ -16,7 +17,7 @@ from .batchnorm import BatchNorm
 from .batchrenorm import BatchRenorm
 from .bcn import BatchChannelNorm, EstimatedBatchNorm
 from .check import check_statistics
-from .devices import DeviceAware, configure_devices
+from .devices import DeviceAware, configure_devices, one_process_copy
 from .evonorm import EvoNormB0, EvoNormS0
 from .factory import (NORM_SPECS, NORMS, OPTIONS, FusedActivation, build_norm, build_norm_act,
                       conv_for, nf_alpha, resolve_groups)
@@ -29,4 +30,5 @@ __all__ = ["NORMS", "NORM_SPECS", "OPTIONS", "RELU_GAMMA", "BatchNorm", "BatchRe
            "BatchChannelNorm", "CenConv2d", "DeviceAware", "EstimatedBatchNorm", "EvoNormB0",
            "EvoNormS0", "FilterResponseNorm", "FusedActivation", "GroupNorm",
            "MovingAverageBatchNorm", "ScaledWSConv2d", "WSConv2d", "build_norm", "build_norm_act",
-           "check_statistics", "configure_devices", "conv_for", "nf_alpha", "resolve_groups"]
+           "check_statistics", "configure_devices", "conv_for", "nf_alpha", "one_process_copy",
+           "resolve_groups"]

@@ -18,9 +18,13 @@ copy, the copies are averaged) applied every step. Virtual devices average in th
 with one all-reduce of [2, C] per layer and step, accumulation after the step's last micro-step,
 so all three give the same step.
 
-The relaxation counts optimizer steps t (the `steps` buffer, saved with the model): r_max and
-d_max stay 1 and 0 until t = renorm_from, then grow linearly to reach r_max at t = r_max_at and
-d_max at t = d_max_at (the paper: 5k, 40k, 25k steps).
+The relaxation counts optimizer steps s = 1, 2, ... (the `steps` buffer, saved with the model,
+holds the steps done): r_max and d_max are 1 and 0 for the first renorm_from steps, then grow
+linearly to reach r_max at step r_max_at and d_max at step d_max_at (the paper: 5k, 40k, 25k):
+
+    r_max(s) = 1 + (r_max - 1) clip((s - renorm_from) / (r_max_at - renorm_from), 0, 1)
+
+(a jump at s = renorm_from + 1 when r_max_at = renorm_from), d_max(s) likewise.
 """
 from __future__ import annotations
 
@@ -63,12 +67,12 @@ class BatchRenorm(DeviceAware, nn.Module):
 
     def limits(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(r_max, d_max) at the current step, computed on the device (no host sync)."""
-        t = self.steps.to(self.running_std.dtype)
+        s = self.steps.to(self.running_std.dtype) + 1        # the step this forward is in
 
-        def ramp(end: int) -> torch.Tensor:  # 0 until renorm_from, 1 from `end` on
+        def ramp(end: int) -> torch.Tensor:  # 0 for s <= renorm_from, 1 from s = `end` on
             if end <= self.renorm_from:
-                return (t >= self.renorm_from).to(t.dtype)
-            return ((t - self.renorm_from) / (end - self.renorm_from)).clamp(0, 1)
+                return (s > self.renorm_from).to(s.dtype)
+            return ((s - self.renorm_from) / (end - self.renorm_from)).clamp(0, 1)
         return 1 + (self.r_max - 1) * ramp(self.r_max_at), self.d_max * ramp(self.d_max_at)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,11 @@ class EstimatedBatchNorm(DeviceAware, nn.Module):
         return (f"{self.num_channels}, momentum={self.momentum}, eps={self.eps}, "
                 f"sync_stats={self.sync_stats}")
 
+    @property
+    def per_device_buffers(self) -> tuple[str, ...]:
+        """Private estimates have one row per device (rank-major, as norms/devices.py)."""
+        return () if self.sync_stats else ("mu_hat", "var_hat")
+
     def devices_changed(self) -> None:
         if not self.sync_stats:  # one row of estimates per device, all devices everywhere
             shape = (self.virtual_devices * self.world_size(), self.num_channels)

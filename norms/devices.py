@@ -18,9 +18,14 @@ micro-step a in process `rank`: the engine's layout of the global batch. Layers 
 per device (MABN's moving averages) keep it in `per_device_buffers`, whose dim 0 is d; each
 process updates its own rows, and the engine gathers every process's rows before evaluating or
 saving a checkpoint (`engine.loop.sync_buffers`), so a checkpoint holds every device's state.
+
+A measurement on one process (the probes during training) takes `one_process_copy`: a copy
+laid out for that process's K devices alone, so the trained model's layout and state are never
+touched (a new layout would re-create per-device state).
 """
 from __future__ import annotations
 
+import copy
 from typing import NamedTuple
 
 import torch
@@ -124,3 +129,18 @@ def configure_devices(model: nn.Module, virtual_devices: int = 1, process_group=
         m.micro_step = 0
         m.devices_changed()
     return len(layers)
+
+
+def one_process_copy(model: nn.Module, virtual_devices: int = 1) -> nn.Module:
+    """A copy of `model` whose batch-dependent layers see `virtual_devices` devices of this
+    process only (no accumulation, no process group); its per-device state is the rows of
+    devices 0..K-1 (rank 0, micro-step 0). `model` itself is left exactly as it was."""
+    layers = [m for m in model.modules() if isinstance(m, DeviceAware)]
+    # A process group is not copyable and the copy must not use it: map it to None.
+    twin = copy.deepcopy(model, {id(m.process_group): None for m in layers})
+    for m in twin.modules():
+        if isinstance(m, DeviceAware):
+            for name in m.per_device_buffers:
+                setattr(m, name, getattr(m, name)[:virtual_devices].clone())
+    configure_devices(twin, virtual_devices)
+    return twin

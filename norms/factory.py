@@ -139,10 +139,13 @@ def build_norm(name: str, num_channels: int, **options) -> nn.Module:
                                    evonorm_b0 (0.1), mabn (0.02)
       sync_stats                   bcn: estimates from the global batch (True) or per device
       r_max, d_max                 brn (3, 5), mabn (r_max 5): r and d clipping
-      renorm_from                  brn (5000), mabn (1000): optimizer steps with r = 1, d = 0
-      r_max_at, d_max_at           brn (40000, 25000): steps at which r_max, d_max are reached
+      renorm_from                  brn (5000), mabn (1000): the first renorm_from optimizer
+                                   steps have r = 1 (and d = 0); r leaves 1 at the next one
+                                   (mabn: after max(renorm_from, warmup) steps)
+      r_max_at, d_max_at           brn (40000, 25000): the steps at which r_max, d_max are
+                                   reached, linearly from renorm_from
       warmup, buffer_size          mabn (100, 16): steps on the current batch's statistics; m
-      learned_eps                  frn: eps = 1e-6 + |eps_l| learned
+      learned_eps                  frn: eps + |eps_l|, eps_l learned (eps the floor)
       act                          frn, evonorm_*: the layer's nonlinearity (default True)
       alpha                        nf (0.2): the NF block's residual scale (used by the model;
                                    the layer itself is an identity)

@@ -6,10 +6,11 @@ arXiv 1911.09737). Batch-independent: every statistic is one sample's, one chann
     z   = max(y, tau)                                   TLU, tau learned per channel (init 0)
 
 eps is a constant (1e-6, the paper's value for conv layers), or with `learned_eps` the paper's
-learned form eps = 1e-6 + |eps_l|, one scalar eps_l per layer initialised to 1e-4 (meant for
-1x1 maps, where nu2 is one value). timm's FilterResponseNormTlu2d is the same maths with eps
-fixed at 1e-5. FRN+TLU replaces "norm then ReLU"; with act=False (the end of a residual
-branch) it is FRN without the TLU, as timm's apply_act=False.
+learned form eps + |eps_l|, one scalar eps_l per layer initialised to 1e-4 (meant for 1x1 maps,
+where nu2 is one value), eps then the floor (the paper's 1e-6 by default). timm's
+FilterResponseNormTlu2d is the same maths with eps fixed at 1e-5. FRN+TLU replaces "norm then
+ReLU"; with act=False (the end of a residual branch) it is FRN without the TLU, as timm's
+apply_act=False.
 """
 from __future__ import annotations
 
@@ -18,9 +19,6 @@ import math
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
-
-EPS_FLOOR = 1e-6  # the paper's constant under the learned |eps_l|
-
 
 class FilterResponseNorm(nn.Module):
     def __init__(self, num_channels: int, eps: float = 1e-6, learned_eps: bool = False,
@@ -33,7 +31,7 @@ class FilterResponseNorm(nn.Module):
         self.eps_l = nn.Parameter(torch.tensor(1e-4)) if learned_eps else None
 
     def extra_repr(self) -> str:
-        eps = "learned" if self.eps_l is not None else self.eps
+        eps = f"{self.eps:g} + |eps_l|" if self.eps_l is not None else f"{self.eps:g}"
         return f"{self.num_channels}, eps={eps}, tlu={self.act}"
 
     def check_input(self, shape) -> str | None:
@@ -46,7 +44,7 @@ class FilterResponseNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 3:
             raise ValueError(f"FRN expects [N, C, H, ...] input, got {tuple(x.shape)}")
-        eps = EPS_FLOOR + self.eps_l.abs() if self.eps_l is not None else self.eps
+        eps = self.eps + self.eps_l.abs() if self.eps_l is not None else self.eps
         return FRNFunction.apply(x, self.weight, self.bias, self.tau, eps)
 
 

@@ -12,6 +12,7 @@ the model `diagnose.seeds` times (seeds seed, seed+1, ...), probes each init on 
     diagnostics.csv  one row per norm x probed layer (residual block / VGG ReLU)
     summary.csv      one row per norm: var_growth, cosine_similarity, stable_rank, grad_ratio
     groups.csv       one row per GN group count
+    config.yaml      the config that ran (no .hydra/ folder, as train.py)
     *.png            activation variance and gradient norm vs depth, similarity per norm/groups
 
 Shares configs/ with train.py (model, norm, data, ... groups); the primary config is
@@ -36,12 +37,13 @@ import hydra  # noqa: E402
 import torch  # noqa: E402
 from hydra.core.config_store import ConfigStore  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from engine.config import (DATASETS, DEVICES, Config, ConfigError, config_keys,  # noqa: E402
                            norm_options, register)
 from engine.data import DataError, load_dataset  # noqa: E402
 from engine.diagnostics import DiagnoseSettings, Measurement, measure_at_init  # noqa: E402
+from engine.records import RunRecord  # noqa: E402
 from models import build_model, check_depth  # noqa: E402
 from norms import NORMS, check_statistics  # noqa: E402
 
@@ -282,7 +284,8 @@ def run(cfg, out: Path) -> dict[str, dict[str, float]]:
               [{"norm": label, **ident, **s} for label, s in summaries.items()])
     write_csv(out / "groups.csv", ("groups", "model", "depth", *SUMMARY),
               [{"groups": g, **ident, **summary_row(m)} for g, m in by_groups.items()])
-    written = ["diagnostics.csv", "summary.csv", "groups.csv"]
+    RunRecord(out).write_config(OmegaConf.to_container(cfg, resolve=True))
+    written = ["diagnostics.csv", "summary.csv", "groups.csv", "config.yaml"]
     if d.plots:
         written += plot(out, results, by_groups, f"{arch}{depth} at init, {data_name}")
     log.info("wrote %s to %s", ", ".join(written), out)

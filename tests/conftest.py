@@ -25,6 +25,11 @@ TINY = ("data=synthetic", "data.train_size=256", "data.test_size=64", "model.dep
         "batch_size_per_device=32", "trainer.epochs=2", "logger.mode=disabled",
         "trainer.num_threads=1", "trainer.device=cpu")
 
+# Every norm whose statistics depend on the batch (a DeviceAware layer), as `norm=` overrides
+# (tests/test_train.py checks that the list is complete).
+BATCH_DEPENDENT = ("bn", "syncbn", "bcn_ws", "bcn_ws norm.sync_stats=false", "brn", "evonorm_b0",
+                   "mabn")
+
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     """python train.py ARGS in `cwd` (outputs land there), one thread, captured output."""

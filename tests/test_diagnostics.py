@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import OmegaConfBaseException
@@ -298,6 +299,10 @@ def test_app_end_to_end(tmp_path):
     assert [r["groups"] for r in groups] == ["1", "16"]  # 3 divides no layer: skipped
     for png in ("activation_var.png", "grad_norm.png", "similarity.png", "groups.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
+    # as train.py: no .hydra/ folder, config.yaml says what ran
+    assert not (run / ".hydra").exists()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["depth"] == 8 and config["diagnose"]["norms"] == ["none", "bn"]
 
 
 def test_app_bad_input_is_one_line_and_exit_2(tmp_path):

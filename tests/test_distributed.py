@@ -15,7 +15,7 @@ import torch
 from engine import checkpoint
 from engine.loop import run
 
-from conftest import ROOT, TINY, assert_ran_at_once, make_cfg, run_cli
+from conftest import BATCH_DEPENDENT, ROOT, TINY, assert_ran_at_once, make_cfg, run_cli
 
 SMALL = (*TINY, "batch_size_per_device=8", "trainer.epochs=2")
 
@@ -111,6 +111,20 @@ def test_accumulation_gives_the_same_training_losses(tmp_path, norm):
                     train_only=norm == ["norm=bn"])
 
 
+@pytest.mark.parametrize("norm", BATCH_DEPENDENT)
+def test_probes_on_two_processes_leave_every_batch_dependent_norm_unchanged(tmp_path, norm):
+    """Rank 0 probes a copy laid out for its own devices; laying out the trained model for one
+    process wiped mabn's windows and running variance (and bcn's private estimates) of both
+    processes, and the checkpoint held the wiped state."""
+    args = (*SMALL, *f"norm={norm}".split(), "trainer.epochs=1", "trainer.devices=2")
+    for probe_every in (0, 1):
+        res = run_cli(*args, f"trainer.probe_every={probe_every}",
+                      f"hydra.run.dir=probe{probe_every}", cwd=tmp_path)
+        assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "probe1" / "probes.jsonl").exists()
+    assert_same_end(tmp_path / "probe1", tmp_path / "probe0")
+
+
 @pytest.mark.parametrize("launcher", ["basic", "parallel"])
 def test_multirun_whose_jobs_are_ddp(tmp_path, launcher):
     # parallel: two DDP jobs at once, each with its own rendezvous on a free port.
@@ -185,7 +199,7 @@ def test_killed_worker_fails_the_job_fast_and_rerun_resumes(tmp_path, uninterrup
 
     again = run_cli(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert f"from epoch {resume_from}" in again.stdout + again.stderr
+    assert f"(epoch {resume_from}/3 done)" in again.stdout + again.stderr
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs_completed"] == 3
     assert_same_end(tmp_path / "job", uninterrupted / "self")
@@ -209,7 +223,7 @@ def test_torchrun_max_restarts_resumes_after_a_killed_worker(tmp_path, uninterru
         job.kill()
         pytest.fail("torchrun did not restart and finish the job")
     assert job.returncode == 0, out[-3000:]
-    resumed = re.findall(r"resuming \S+ from epoch (\d+)", out)
+    resumed = re.findall(r"resuming from \S+ \(epoch (\d+)/3 done\)", out)
     assert len(resumed) == 1 and 1 <= int(resumed[0]) < 3, out[-3000:]  # restarted once, mid-run
     summary = json.loads((tmp_path / "job" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs_completed"] == 3

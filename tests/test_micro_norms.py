@@ -61,9 +61,9 @@ class BRNReference:
         self.devices = devices
         self.mu, self.sigma = torch.zeros(C, dtype=DT), torch.ones(C, dtype=DT)
 
-    def limits(self, t):
+    def limits(self, t):  # t: the 0-based index of the step; s = t + 1 its number
         def ramp(end):
-            return min(1.0, max(0.0, (t - self.start) / (end - self.start)))
+            return min(1.0, max(0.0, (t + 1 - self.start) / (end - self.start)))
         return 1 + (self.r_max - 1) * ramp(self.r_at), self.d_max * ramp(self.d_at)
 
     def __call__(self, x, t):
@@ -113,15 +113,24 @@ def test_brn_steps_match_the_paper(devices, seed):
 
 
 def test_brn_schedule_counts_optimizer_steps():
+    """renorm_from steps with r = 1, d = 0, as the factory says (and mabn counts), whether the
+    limits then ramp or jump; r_max reached at step r_max_at. Keys: step s (1-based)."""
     layer = BatchRenorm(C, r_max=3.0, d_max=5.0, renorm_from=10, r_max_at=50, d_max_at=30)
-    expected = {0: (1, 0), 10: (1, 0), 20: (1.5, 2.5), 30: (2, 5), 50: (3, 5), 80: (3, 5)}
-    for t, (r, d) in expected.items():
-        layer.steps.fill_(t)
-        assert [float(v) for v in layer.limits()] == pytest.approx([r, d])
+    expected = {1: (1, 0), 10: (1, 0), 11: (1.05, 0.25), 20: (1.5, 2.5), 30: (2, 5),
+                50: (3, 5), 80: (3, 5)}
     jump = BatchRenorm(C, renorm_from=10, r_max_at=10, d_max_at=10)  # end = start: a step
-    for t, (r, d) in {9: (1, 0), 10: (3, 5)}.items():
-        jump.steps.fill_(t)
-        assert [float(v) for v in jump.limits()] == pytest.approx([r, d])
+    for brn, steps in ((layer, expected), (jump, {10: (1, 0), 11: (3, 5)})):
+        for s, (r, d) in steps.items():
+            brn.steps.fill_(s - 1)  # the steps done before step s
+            assert [float(v) for v in brn.limits()] == pytest.approx([r, d]), s
+    held = [BatchRenorm(C, renorm_from=n, r_max_at=end, d_max_at=end)
+            for n, end in ((10, 10), (10, 50), (0, 4))]
+    for brn in held:  # count the steps of a run that keep r_max = 1
+        ones = 0
+        for t in range(60):
+            brn.steps.fill_(t)
+            ones += float(brn.limits()[0]) == 1.0
+        assert ones == brn.renorm_from, brn
 
 
 def test_brn_without_relaxation_is_bn_exactly():
@@ -177,17 +186,20 @@ def frn_reference(x, gamma, beta, tau, eps):
 
 @pytest.mark.parametrize("act", [True, False])
 @pytest.mark.parametrize("learned_eps", [False, True])
-def test_frn_matches_the_paper(act, learned_eps):
+@pytest.mark.parametrize("eps", [1e-6, 1e-2])
+def test_frn_matches_the_paper(act, learned_eps, eps):
+    """eps is the constant, or with learned_eps the floor under |eps_l| (the paper's 1e-6 by
+    default; another eps is honoured, not replaced by 1e-6)."""
     gen = torch.Generator().manual_seed(2)
-    layer = FilterResponseNorm(C, learned_eps=learned_eps, act=act).to(DT)
+    layer = build_norm("frn", C, eps=eps, learned_eps=learned_eps, act=act).to(DT)
     randomize(layer, gen)
     params = list(layer.parameters())
     x, up = batches(gen, 1, 4)[0]
     x = x * 0.1  # small activations, where eps matters
 
     def ref(z, t):
-        eps = 1e-6 + layer.eps_l.abs() if learned_eps else 1e-6
-        return frn_reference(z, layer.weight, layer.bias, layer.tau, eps)
+        return frn_reference(z, layer.weight, layer.bias, layer.tau,
+                             eps + layer.eps_l.abs() if learned_eps else eps)
     assert_steps_match(layer, ref, [(x, up)], params, params)
     layer.eval()
     torch.testing.assert_close(layer(x), ref(x, 0))  # no batch statistics, no state

@@ -1,9 +1,11 @@
 """The newcomer's path: the README's quick-start commands run as printed, training curves reach
 the tracker within epochs, the wandb sweep file drives train.py, and what the commands create
 is ignored by git."""
+import ast
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -36,6 +38,31 @@ def test_the_readme_says_how_to_activate_the_environment():
     assert "source .venv/bin/activate" in two
 
 
+def test_the_readme_describes_every_file_the_report_writes():
+    """The files listed in scripts/report.py's docstring ("Writes to DIR:") are each named in
+    the README's paragraph on the report (the study section)."""
+    doc = ast.get_docstring(ast.parse((ROOT / "scripts" / "report.py").read_text()))
+    listed = doc.split("Writes to DIR:", 1)[1].split("Exit status", 1)[0]
+    files = re.findall(r"^  (\S+\.(?:csv|md|png))\s", listed, re.M)
+    assert "ranking.md" in files and len(files) >= 4
+    text = (ROOT / "README.md").read_text()
+    study = text.split("\n## The micro-batch study", 1)[1].split("\n## ", 1)[0]
+    paragraph = study.split("`scripts/report.py RUN_DIRS...", 1)[1].split("\n\n", 1)[0]
+    assert [f for f in files if f"`{f}`" not in paragraph] == []
+
+
+def test_torchrun_threads_banner_is_explained_where_torchrun_is():
+    """torchrun prints its OMP_NUM_THREADS banner before train.py runs (torch/distributed/
+    run.py), which only the user's environment can prevent: the Devices section says so."""
+    import torch.distributed.run as torchrun
+    assert "Setting OMP_NUM_THREADS" in Path(torchrun.__file__).read_text()
+    devices = (ROOT / "README.md").read_text().split("\n## Devices", 1)[1].split("\n## ", 1)[0]
+    bullet = devices.split("- **CPU threads.**", 1)[1].split("\n- ", 1)[0]
+    for words in ("Setting OMP_NUM_THREADS", "`OMP_NUM_THREADS=4 torchrun ...`",
+                  "`trainer.num_threads=4`", "`trainer.devices=N` prints no banner"):
+        assert words in bullet, words
+
+
 def test_every_quick_start_command_runs_as_printed(tmp_path):
     """Every `python train.py` line of "Two commands" and "Examples", in order, in one folder,
     with small-data overrides appended: none fails, none refuses another's folder."""
@@ -66,7 +93,8 @@ class FakeTracker:
 def test_training_curves_are_logged_within_epochs(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "Tracker", FakeTracker)
     FakeTracker.logged = []
-    cfg = make_cfg(*TINY, "trainer.epochs=2", "trainer.check_every=2", "logger.log_every=4")
+    cfg = make_cfg(*TINY, "trainer.epochs=2", "trainer.check_every=2", "logger.log_every=4",
+                   "logger.mode=offline")
     summary = loop.run(cfg, tmp_path)
     steps = [m for m in FakeTracker.logged if "step/train_loss" in m]
     epochs = [m for m in FakeTracker.logged if "test_acc" in m]
@@ -83,14 +111,22 @@ def test_training_curves_are_logged_within_epochs(tmp_path, monkeypatch):
     assert summary["best_test_acc"] == max(m["test_acc"] for m in epochs)
 
 
-def test_curves_are_read_at_the_checks_that_exist_anyway(tmp_path, monkeypatch):
-    """log_every=3 with checks every 2 steps: logged at steps 4 and 6 (the first checks at or
-    after steps 3 and 6), never at a step without a check."""
+def test_curves_are_logged_every_log_every_steps_whatever_check_every(tmp_path, monkeypatch):
+    """log_every=3 with checks every 5 steps (8 steps an epoch): logged at steps 3 and 6, each
+    its own check, not at the checks; with wandb disabled the log points add no check."""
     monkeypatch.setattr(loop, "Tracker", FakeTracker)
+    checks = []
+    reduce_sum = loop.reduce_sum
+    monkeypatch.setattr(loop, "reduce_sum", lambda t, proc: checks.append(t.numel()) or
+                        reduce_sum(t, proc))
+    args = (*TINY, "trainer.epochs=1", "trainer.check_every=5", "logger.log_every=3")
     FakeTracker.logged = []
-    loop.run(make_cfg(*TINY, "trainer.epochs=1", "trainer.check_every=2",
-                      "logger.log_every=3"), tmp_path)
-    assert [m["images_seen"] for m in FakeTracker.logged if "step/lr" in m] == [128, 192]
+    loop.run(make_cfg(*args, "logger.mode=offline"), tmp_path / "offline")
+    assert [m["images_seen"] for m in FakeTracker.logged if "step/lr" in m] == [96, 192]
+    assert checks.count(2) == 3  # steps 3, 5 and 6 (a check reduces [loss sum, correct])
+    checks.clear()
+    loop.run(make_cfg(*args), tmp_path / "disabled")
+    assert checks.count(2) == 1  # step 5 only
     with pytest.raises(ValueError, match=r"logger.log_every=-1 is invalid"):
         validate(make_cfg(*TINY, "logger.log_every=-1"))
 

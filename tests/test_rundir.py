@@ -5,6 +5,7 @@ import os
 import resource
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -257,6 +258,19 @@ def test_durable_writes_leave_the_old_file_or_the_new_one(tmp_path, monkeypatch)
         == [True, True] and synced[1::2] == [str(tmp_path)] * 2
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_run_record_files_follow_the_umask_as_train_log_does(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        loop.run(make_cfg(*ONE, "trainer.probe_every=1"), tmp_path)
+    finally:
+        os.umask(old)
+    files = ["config.yaml", "metrics.jsonl", "probes.jsonl", "summary.json", "train.log",
+             "checkpoints/last.pt"]
+    modes = {f: stat.S_IMODE((tmp_path / f).stat().st_mode) for f in files}
+    assert modes == dict.fromkeys(files, 0o666 & ~umask)
+
+
 @pytest.mark.parametrize("damage", ["empty", "wrong types", "wrong model"])
 def test_a_damaged_checkpoint_is_one_line_naming_it_and_is_kept(tmp_path, damage):
     ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
@@ -304,7 +318,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_good_one(tmp_p
     assert checkpoint.load(ckpt)["epoch"] == 1  # whole, and the last good one
     assert [p.name for p in ckpt.parent.iterdir()] == ["last.pt"]  # no temporary file left
     resumed = run_cli(*args, "hydra.run.dir=run", cwd=tmp_path)
-    assert resumed.returncode == 0 and "from epoch 1" in resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0 and "(epoch 1/3 done)" in resumed.stdout + resumed.stderr
 
 
 def sigint_as_at_a_terminal():
@@ -330,7 +344,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_run_resumes(tmp_path):
     assert err.strip() == ("interrupted; re-run the same command to resume from epoch "
                            f"{epoch} ({ckpt.resolve()})"), err
     res = run_cli(*args, cwd=tmp_path)
-    assert res.returncode == 0 and f"from epoch {epoch}" in res.stdout + res.stderr
+    assert res.returncode == 0 and f"(epoch {epoch}/3 done)" in res.stdout + res.stderr
 
 
 class PressesCtrlC:

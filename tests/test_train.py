@@ -22,9 +22,9 @@ from engine.data import GlobalBatches, load_dataset
 from engine.loop import Process, Step, evaluate, run, train_epoch
 from engine.records import RunRecord, code_version
 from models import build_model
-from norms import NORMS, configure_devices
+from norms import NORMS, DeviceAware, build_norm, configure_devices
 
-from conftest import ROOT, TINY, assert_ran_at_once, make_cfg, run_cli
+from conftest import BATCH_DEPENDENT, ROOT, TINY, assert_ran_at_once, make_cfg, run_cli
 
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr",
                "images_per_sec", "elapsed_s"}
@@ -239,7 +239,7 @@ def test_sigkill_mid_epoch_then_rerun_ends_bit_exactly(tmp_path, norm):
 
     resumed = run_cli(*args, "hydra.run.dir=killed", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "from epoch 1" in resumed.stdout + resumed.stderr
+    assert f"resuming from {ckpt} (epoch 1/3 done)" in resumed.stdout + resumed.stderr
     a, b = _state(tmp_path / "ref/checkpoints/last.pt"), _state(ckpt)
     assert a.keys() == b.keys()
     for k in a:
@@ -502,9 +502,76 @@ def test_probes_during_training_leave_the_run_unchanged(tmp_path):
         assert {"var_growth", "grad_ratio", "cosine_similarity", "stable_rank"} <= set(p)
         assert len(p["layers"]) == len(p["activation_var"]) == len(p["grad_norm"]) == 3
         assert all(v > 0 for v in p["activation_var"])
-    a = checkpoint.load(tmp_path / "plain/checkpoints/last.pt")["model"]
-    b = checkpoint.load(tmp_path / "probed/checkpoints/last.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_state(tmp_path / "plain", tmp_path / "probed")
+
+
+def assert_same_state(a_dir, b_dir) -> None:
+    """The checkpoints of two runs hold the same weights and buffers, bit for bit."""
+    a, b = (checkpoint.load(d / "checkpoints/last.pt")["model"] for d in (a_dir, b_dir))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_batch_dependent_covers_every_device_aware_norm():
+    aware = {n for n in NORMS if any(isinstance(m, DeviceAware)
+                                     for m in build_norm(n, 32).modules())}
+    assert aware == {n.split()[0].removesuffix("_ws") for n in BATCH_DEPENDENT}
+
+
+@pytest.mark.parametrize("norm", BATCH_DEPENDENT)
+def test_probes_with_accumulation_leave_every_batch_dependent_norm_unchanged(tmp_path, norm):
+    """A probe measures a copy laid out for one process: re-laying out the trained model
+    (accumulate 2 -> 1) re-created mabn's windows and running variance, which the checkpoint
+    then held and epoch 2 trained from."""
+    base = (*TINY, *f"norm={norm}".split(), "trainer.virtual_devices=2", "trainer.accumulate=2",
+            "batch_size_per_device=8")
+    plain = run(make_cfg(*base), tmp_path / "plain")
+    probed = run(make_cfg(*base, "trainer.probe_every=1"), tmp_path / "probed")
+    assert (plain["test_loss"], plain["train_loss"]) == (probed["test_loss"], probed["train_loss"])
+    assert_same_state(tmp_path / "plain", tmp_path / "probed")
+
+
+def test_a_resumed_run_says_from_which_checkpoint_and_epoch(tmp_path, caplog):
+    cfg = make_cfg(*TINY)
+    run(cfg, tmp_path)
+    (tmp_path / "summary.json").unlink()  # as if killed after the last checkpoint
+    with caplog.at_level(logging.INFO, logger=loop.log.name):
+        run(cfg, tmp_path)
+    line = f"resuming from {tmp_path / 'checkpoints' / 'last.pt'} (epoch 2/2 done)"
+    assert [r.getMessage() for r in caplog.records].count(line) == 1
+    assert (tmp_path / "train.log").read_text().count(line) == 1
+
+
+class FakeBar:
+    """tqdm's part the loop uses, recorded."""
+    bars: list = []
+
+    def __init__(self, total=None, desc=None, **kwargs):
+        self.total, self.desc, self.n, self.closed = total, desc, 0, False
+        self.format_dict = {"elapsed": 1.0}
+        FakeBar.bars.append(self)
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_progress_bar_shows_the_evaluation_too(tmp_path, monkeypatch):
+    """On a terminal, every epoch has a bar for its training steps and one for its test images
+    (a CPU evaluates for seconds)."""
+    monkeypatch.setattr(loop, "tqdm", FakeBar)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    FakeBar.bars = []
+    run(make_cfg(*TINY), tmp_path)  # 8 steps an epoch, 64 test images
+    assert [(b.desc, b.total, b.n, b.closed) for b in FakeBar.bars] == [
+        ("epoch 1/2", 8, 8, True), ("epoch 1/2 test", 64, 64, True),
+        ("epoch 2/2", 8, 8, True), ("epoch 2/2 test", 64, 64, True)]
 
 
 @pytest.mark.parametrize("overrides, warned", [
