@@ -111,7 +111,14 @@ def test_accumulation_gives_the_same_training_losses(tmp_path, norm):
                     train_only=norm == ["norm=bn"])
 
 
-@pytest.mark.parametrize("norm", BATCH_DEPENDENT)
+# The norms whose state a one-process layout wiped (mabn's windows, bcn's private estimates)
+# run in the default suite; the other batch-dependent ones with `make test-slow` (2 DDP runs
+# each, about 20 s).
+WIPED_BEFORE = ("mabn", "bcn_ws norm.sync_stats=false")
+
+
+@pytest.mark.parametrize("norm", [
+    n if n in WIPED_BEFORE else pytest.param(n, marks=pytest.mark.slow) for n in BATCH_DEPENDENT])
 def test_probes_on_two_processes_leave_every_batch_dependent_norm_unchanged(tmp_path, norm):
     """Rank 0 probes a copy laid out for its own devices; laying out the trained model for one
     process wiped mabn's windows and running variance (and bcn's private estimates) of both
