@@ -567,8 +567,13 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
         probe_history = state.get("probes", [])
 
     if proc.is_main:
+        record.remove_temporaries()
         record.write_config(OmegaConf.to_container(cfg, resolve=True))
         record.attach_log()
+        if state is not None:  # the checkpoint is the record: a kill right after its write
+            record.write_metrics(history)  # left the metrics an epoch behind
+            if probe_history:
+                record.write_metrics(probe_history, "probes.jsonl")
     if state is not None:  # after attach_log: train.log says it too
         log.info("resuming from %s (epoch %d/%d done)", record.checkpoint, first_epoch,
                  t.epochs)

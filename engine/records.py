@@ -79,6 +79,14 @@ class RunRecord:
         (metrics.jsonl; probes.jsonl for the Beyond-BatchNorm probes)."""
         _write_atomic(self.dir / name, "".join(json.dumps(m) + "\n" for m in history))
 
+    def remove_temporaries(self) -> None:
+        """Remove what a killed write left (write_durably's `.<name>.<hex>.tmp`): called by the
+        folder's holder, so no live writer owns one."""
+        for folder in (self.dir, self.checkpoint.parent):
+            for tmp in folder.glob(".*.*.tmp"):
+                if tmp.is_file() and not tmp.is_symlink():
+                    tmp.unlink(missing_ok=True)
+
     def write_summary(self, summary: dict) -> None:
         _write_atomic(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 

@@ -203,6 +203,46 @@ def test_a_record_file_that_is_a_link_is_refused_and_its_target_untouched(tmp_pa
         assert victim.read_text() == "precious\n"
 
 
+KILL_AFTER_CHECKPOINT = """
+import os, runpy, signal, sys
+root = sys.argv[1]
+sys.path.insert(0, root)
+from engine import records
+write = records.RunRecord.write_metrics
+def killed_after_the_checkpoint(self, history, name="metrics.jsonl"):
+    if name == "metrics.jsonl" and len(history) == 2:  # epoch 2's checkpoint is renamed in
+        (self.dir / ".metrics.jsonl.0123456789ab.tmp").write_text("half")  # a write cut short
+        os.kill(os.getpid(), signal.SIGKILL)
+    return write(self, history, name)
+records.RunRecord.write_metrics = killed_after_the_checkpoint
+sys.argv = ["train.py", *sys.argv[2:]]
+runpy.run_path(os.path.join(root, "train.py"), run_name="__main__")
+"""
+
+
+def test_a_kill_between_the_checkpoint_and_the_metrics_leaves_a_record_that_agrees(tmp_path):
+    """SIGKILL right after the last checkpoint's rename, then the same command: the run was
+    "completed" with epochs_completed 2 while metrics.jsonl kept one line, and the killed
+    write's temporary stayed. The checkpoint is the record: the metrics follow it."""
+    args = [*TINY, "trainer.probe_every=1", "hydra.run.dir=run"]
+    killed = subprocess.run([sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(ROOT), *args],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 1
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 2
+    res = run_cli(*args, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    probes = (run_dir / "probes.jsonl").read_text().splitlines()
+    assert summary["status"] == "completed" and summary["epochs_completed"] == 2
+    assert [m["epoch"] for m in lines] == [1, 2] and len(probes) == 2
+    assert summary["test_acc"] == lines[-1]["test_acc"]
+    assert list(run_dir.rglob("*.tmp")) == []
+
+
 def test_the_lock_of_a_dead_process_does_not_block(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
