@@ -565,11 +565,28 @@ def _decode_error(e: Exception) -> str:
     return one_line(re.sub(r"^[\w()]+, \S+:\d+, ", "", str(e)), 160)
 
 
+def _decode_with_pil(data: bytes) -> torch.Tensor:
+    """uint8 [3, H, W] RGB through Pillow, whose decoders report corrupt data as errors.
+    16-bit samples keep their high byte (Pillow does so itself for colour; its grey 'I;16'
+    would clip every value above 255 to white)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode.startswith("I"):
+            grey = (np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8)
+            rgb = np.repeat(grey[..., None], 3, axis=-1)
+        else:
+            rgb = np.array(im.convert("RGB"))
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+
+
 def _decode_image(data: bytes, where: str) -> torch.Tensor:
     """Decode one JPEG/PNG to uint8 [3, 32, 32] RGB; DataError naming ``where`` otherwise.
 
-    Uses torchvision.io (about 3x faster than PIL for tiny JPEGs; its deprecation warning is
-    silenced by the caller), falling back to PIL where torchvision.io has no decoder."""
+    JPEGs through torchvision.io (about 3x faster than PIL for tiny JPEGs; its deprecation
+    warning is silenced by the caller), PNGs through Pillow: libpng inside torchvision crashes
+    the process (SIGSEGV) on some corrupt files, e.g. a wrong zlib checksum, and returns 16-bit
+    samples as uint16. Pillow also where torchvision.io has no decoder."""
     width, height = _image_size(data, where)
     if (width, height) != (IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(f"data.root: image {where} is {width}x{height}; expected 32x32 RGB (CIFAR images)")
@@ -578,15 +595,14 @@ def _decode_image(data: bytes, where: str) -> torch.Tensor:
             from torchvision.io import ImageReadMode, decode_image
         except ImportError:
             decode_image = None
-        if decode_image is not None:
+        if decode_image is not None and not data.startswith(_PNG_SIGNATURE):
             img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
         else:
-            from PIL import Image
-
-            with Image.open(io.BytesIO(data)) as im:
-                img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+            img = _decode_with_pil(data)
     except Exception as e:
         raise DataError(f"data.root: cannot decode image {where} ({_decode_error(e)})") from None
+    if img.dtype != torch.uint8:  # a JPEG of more than 8 bits a sample: keep the high byte
+        img = (img.to(torch.int32) >> (8 * img.element_size() - 8)).to(torch.uint8)
     if tuple(img.shape) != (3, IMAGE_SIZE, IMAGE_SIZE):
         raise DataError(
             f"data.root: image {where} is {img.shape[-1]}x{img.shape[-2]}; expected 32x32 RGB "

@@ -21,6 +21,7 @@ import torchvision.io
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from conftest import TINY, run_cli
 from engine import data as D
 from engine.data import (
     CIFAR10_MEAN,
@@ -195,6 +196,46 @@ def test_pil_fallback_decoder(image_folder, tmp_path, monkeypatch):
     ds = load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
     assert_split(ds.train, tr, trl)
     assert_split(ds.test, te, tel)
+
+
+def handmade_png(rows: list[bytes], depth: int = 8, colour: int = 2,
+                 break_checksum: bool = False) -> bytes:
+    """A 32x32 PNG written chunk by chunk (Pillow writes no 16-bit colour). break_checksum
+    flips the IDAT stream's Adler-32 and recomputes the chunk's CRC: a PNG that only the zlib
+    check can tell is damaged."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+    stream = bytearray(zlib.compress(b"".join(b"\x00" + r for r in rows)))
+    if break_checksum:
+        stream[-1] ^= 0xFF
+    header = struct.pack(">IIBBBBB", 32, 32, depth, colour, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", bytes(stream))
+            + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_a_png_with_a_broken_checksum_is_one_line_not_a_crash(image_folder, tmp_path, archive):
+    """torchvision's libpng killed the process (SIGSEGV, exit 139) on this file, leaving an
+    empty run folder; decoding goes through Pillow, which reports it."""
+    root = image_folder[0]
+    bad = root / "train" / "airplane" / "0000.png"
+    bad.write_bytes(handmade_png([bytes(range(96))] * 32, break_checksum=True))
+    where = make_tar(root, tmp_path / "imgs.tar.gz", "cifar") if archive else root
+    res = run_cli(*TINY, "data=cifar10", f"data.root={where}", "data.download=false",
+                  "data.cache_dir=null", "hydra.run.dir=run", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+    assert "cannot decode image" in res.stderr and "airplane/0000.png" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_16_bit_pngs_keep_their_high_byte():
+    """libpng returned 16-bit samples as uint16 and the uint8 buffer kept the low byte
+    (53334 became 86); 53334 is 208 in 8 bits, in colour and in grey."""
+    colour = handmade_png([struct.pack(">HHH", 53334, 1000, 65535) * 32] * 32, depth=16)
+    grey = handmade_png([struct.pack(">H", 53334) * 32] * 32, depth=16, colour=0)
+    assert D._decode_image(colour, "c.png")[:, 5, 7].tolist() == [208, 3, 255]
+    assert D._decode_image(grey, "g.png")[:, 5, 7].tolist() == [208, 208, 208]
 
 
 def test_jpeg_folder_decodes_close(tmp_path):
