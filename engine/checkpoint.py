@@ -2,6 +2,7 @@
 the structure the run needs, never silently replaced."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
@@ -22,8 +23,12 @@ KEYS = frozenset({"model", "optimizer", "scheduler", "epoch", "history", "elapse
 
 
 def save(path: Path, state: dict) -> None:
-    """torch.save, durably: a kill or a full disk leaves the old file or the new one."""
-    write_durably(path, lambda f: torch.save(state, f))
+    """torch.save, durably: a kill or a full disk leaves the old file or the new one. Saved to
+    memory first: torch.save writing to the file itself turns a full disk into a RuntimeError
+    from its zip writer ('[enforce fail at inline_container.cc ...]'), not an OSError."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_durably(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def first_line(e: BaseException, limit: int = 160) -> str:

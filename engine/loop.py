@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -492,22 +492,36 @@ def restore(state: dict, path: Path, model, optimizer, scheduler, step: Step) ->
             f"({checkpoint.first_line(e)}); {checkpoint.MOVE_AWAY}") from None
 
 
-def save_epoch(record: RunRecord, state: dict, history: list[dict],
-               probe_history: list[dict]) -> None:
-    """The checkpoint and the metrics of a finished epoch; a failed write (disk full, a
-    file-size limit) is one line saying what is kept."""
+@contextmanager
+def record_write(record: RunRecord, when: str, kept_epoch: int):
+    """A failed write of the run record (disk full, a file-size limit) is one line saying
+    when, and which checkpoint the folder still holds (epoch `kept_epoch`; 0: none)."""
     try:
-        checkpoint.save(record.checkpoint, state)
-        record.write_metrics(history)
-        if probe_history:
-            record.write_metrics(probe_history, "probes.jsonl")
+        yield
     except OSError as e:
-        kept = (f"the checkpoint of epoch {state['epoch'] - 1} is kept" if state["epoch"] > 1
+        kept = (f"the checkpoint of epoch {kept_epoch} is kept" if kept_epoch > 0
                 else "no checkpoint was kept")
         raise checkpoint.CheckpointError(
-            f"cannot write the run record in {record.dir} ({e.strerror or e}) after epoch "
-            f"{state['epoch']}; {kept}: free space (or raise the file-size limit) and re-run "
-            "the same command to resume") from None
+            f"cannot write the run record in {record.dir} ({e.strerror or e}) {when}; {kept}: "
+            "free space (or raise the file-size limit) and re-run the same command to resume"
+        ) from None
+
+
+def write_history(record: RunRecord, history: list[dict], probe_history: list[dict]) -> None:
+    record.write_metrics(history)
+    if probe_history:
+        record.write_metrics(probe_history, "probes.jsonl")
+
+
+def save_epoch(record: RunRecord, state: dict, history: list[dict],
+               probe_history: list[dict]) -> None:
+    """The checkpoint, then the metrics of a finished epoch (a resume rewrites the metrics
+    from the checkpoint, so a failure between the two loses nothing)."""
+    epoch = state["epoch"]
+    with record_write(record, f"after epoch {epoch}", epoch - 1):
+        checkpoint.save(record.checkpoint, state)
+    with record_write(record, f"after epoch {epoch}", epoch):
+        write_history(record, history, probe_history)
 
 
 def warn_unreached_schedule(cfg: DictConfig, total_steps: int) -> None:
@@ -568,12 +582,11 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
 
     if proc.is_main:
         record.remove_temporaries()
-        record.write_config(OmegaConf.to_container(cfg, resolve=True))
-        record.attach_log()
-        if state is not None:  # the checkpoint is the record: a kill right after its write
-            record.write_metrics(history)  # left the metrics an epoch behind
-            if probe_history:
-                record.write_metrics(probe_history, "probes.jsonl")
+        with record_write(record, "before training", first_epoch):
+            record.write_config(OmegaConf.to_container(cfg, resolve=True))
+            record.attach_log()
+            if state is not None:  # the checkpoint is the record: a kill right after its
+                write_history(record, history, probe_history)  # write left these behind
     if state is not None:  # after attach_log: train.log says it too
         log.info("resuming from %s (epoch %d/%d done)", record.checkpoint, first_epoch,
                  t.epochs)
@@ -639,7 +652,8 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
             ctrl_c.check()  # a Ctrl-C that a finalizer swallowed
         summary = make_summary(status, history, time.perf_counter() - started, info, ident)
         if proc.is_main:
-            record.write_summary(summary)
+            with record_write(record, "at the end", len(history)):
+                record.write_summary(summary)
         tracker.finish({k: v for k, v in summary.items() if k != "identity"})
     except KeyboardInterrupt:
         tracker.finish(exit_code=130)
