@@ -31,8 +31,10 @@ from .mabn import CenConv2d, MovingAverageBatchNorm
 from .ws import RELU_GAMMA, ScaledWSConv2d, WSConv2d
 
 __all__ = ["NORMS", "NORM_SPECS", "OPTIONS", "RELU_GAMMA", "BatchNorm", "BatchRenorm",
-           "BatchChannelNorm", "CenConv2d", "ConvLink", "CrossIterationBatchNorm", "DeviceAware", "EstimatedBatchNorm", "EvoNormB0",
+           "BatchChannelNorm", "CenConv2d", "ConvLink", "CrossIterationBatchNorm", "DeviceAware",
+           "EstimatedBatchNorm", "EvoNormB0",
            "EvoNormS0", "FilterResponseNorm", "FusedActivation", "GroupNorm",
            "MovingAverageBatchNorm", "ScaledWSConv2d", "WSConv2d", "build_norm", "build_norm_act",
-           "check_statistics", "configure_devices", "conv_factory", "conv_for", "nf_alpha", "one_process_copy",
+           "check_statistics", "configure_devices", "conv_factory", "conv_for", "nf_alpha",
+           "one_process_copy",
            "resolve_groups"]
