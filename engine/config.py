@@ -63,6 +63,8 @@ class NormConfig:
     simulated_batch: Optional[int] = None  # mabn: averages over simulated_batch / b steps
     learned_eps: bool = False        # frn: eps + |eps_l|, eps_l learned (eps the floor)
     alpha: Optional[float] = None    # nf: the NF block's residual scale (default 0.2)
+    window: Optional[int] = None     # cbn: k, the iterations whose statistics are used (8)
+    burnin: Optional[float] = None   # cbn: plain-BN steps before the window is used
 
 
 @dataclass
@@ -236,7 +238,7 @@ def global_batch(cfg) -> int:
 
 
 SCHEDULE_UNITS = ("steps", "run")
-STEP_KEYS = ("renorm_from", "r_max_at", "d_max_at", "warmup")  # counted in optimizer steps
+STEP_KEYS = ("renorm_from", "r_max_at", "d_max_at", "warmup", "burnin")  # counted in optimizer steps
 
 
 def norm_options(cfg, total_steps: int | None = None) -> dict[str, Any]:
@@ -250,7 +252,7 @@ def norm_options(cfg, total_steps: int | None = None) -> dict[str, Any]:
         opts["channels_per_group"] = n.channels_per_group
     elif n.groups is not None:
         opts["groups"] = n.groups
-    for key in ("r_max", "d_max", "alpha"):
+    for key in ("r_max", "d_max", "alpha", "window"):
         if n[key] is not None:
             opts[key] = n[key]
     for key in STEP_KEYS:

@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from norms import NORMS, build_norm, build_norm_act, conv_for, nf_alpha
+from norms import NORMS, build_norm, build_norm_act, conv_factory, nf_alpha
 
 
 @dataclass(frozen=True)
@@ -20,12 +20,18 @@ class NormLayers:
     """
     name: str
     options: dict = field(default_factory=dict)
+    link: object = None  # norms.ConvLink where the norm takes the conv before it (cbn)
+
+    def _conv(self) -> dict:
+        return {} if self.link is None else {"conv": self.link.take()}
 
     def __call__(self, num_channels: int) -> nn.Module:
-        return build_norm(self.name, num_channels, **{**self.options, "act": False})
+        return build_norm(self.name, num_channels, **self._conv(),
+                          **{**self.options, "act": False})
 
     def act(self, num_channels: int, inplace: bool = False) -> tuple[nn.Module, nn.Module]:
-        return build_norm_act(self.name, num_channels, inplace=inplace, **self.options)
+        return build_norm_act(self.name, num_channels, inplace=inplace, **self._conv(),
+                              **self.options)
 
     @property
     def nf_alpha(self) -> float | None:
@@ -35,11 +41,13 @@ class NormLayers:
 
 
 def make_layers(norm: str, ws: bool, norm_options: dict) -> tuple[type[nn.Conv2d], NormLayers]:
-    """The conv class and the norm slots a builder asks for layers."""
+    """The conv class (or factory) and the norm slots a builder asks for layers; a norm that
+    takes the conv before it (cbn) gets each conv the builder made just before it."""
     if norm not in NORMS:
         raise ValueError(f"norm={norm!r} is unknown; allowed: {', '.join(NORMS)}")
     nf_alpha(norm, **norm_options)  # a whole-network option: refused here, not at a layer
-    return conv_for(norm, ws), NormLayers(norm, dict(norm_options))
+    conv, link = conv_factory(norm, ws)
+    return conv, NormLayers(norm, dict(norm_options), link)
 
 
 class _Slot(nn.Identity):

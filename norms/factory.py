@@ -15,6 +15,11 @@ norm with no activation after it (the end of a residual branch, a projection sho
 Normalizer-free (nf): no norm at all. Its slots are identities; what it changes is the
 convolution (Scaled WS) and the residual block (`nf_alpha`: a model builds NF blocks when it is
 not None), both declared here so that a model asks instead of knowing the name.
+
+The conv before a norm (cbn): a norm whose spec `takes_conv` is built with `conv=`, the
+convolution it normalises the output of. `ConvLink` pairs them without the model knowing: it
+is the conv factory a model gets, remembers the conv it built last, and the next norm built
+takes it (every model builds conv, then the norm after it).
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from torch import nn
 from .batchnorm import BatchNorm
 from .batchrenorm import BatchRenorm
 from .bcn import BatchChannelNorm
+from .cbn import CrossIterationBatchNorm
 from .evonorm import EvoNormB0, EvoNormS0
 from .frn import FilterResponseNorm
 from .groupnorm import GroupNorm
@@ -50,6 +56,7 @@ class NormSpec:
     fused_act: bool = False        # replaces "norm then ReLU"; takes act
     conv: type[nn.Conv2d] = nn.Conv2d  # the convolution before it (mabn: centred filters)
     normalizer_free: bool = False  # nf: models build NF residual blocks (alpha, beta, skip gain)
+    takes_conv: bool = False       # built with conv=, the convolution before it (cbn)
 
 
 def _bn(sync: bool) -> Callable[..., nn.Module]:
@@ -73,6 +80,9 @@ NORM_SPECS: dict[str, NormSpec] = {
     "mabn": NormSpec(MovingAverageBatchNorm, {
         "eps": 1e-5, "momentum": 0.02, "buffer_size": 16, "warmup": 100, "renorm_from": 1000,
         "r_max": 5.0}, conv=CenConv2d),
+    # Yao et al.: k = 8 as the paper's ImageNet runs; burn-in in optimizer steps
+    "cbn": NormSpec(CrossIterationBatchNorm, {"eps": 1e-5, "momentum": 0.1, "window": 8,
+                                              "burnin": 0}, takes_conv=True),
     "none": NormSpec(lambda c: nn.Identity()),
     # Brock et al. 2021a: no norm; Scaled WS convs and NF blocks h + alpha * skip_gain * f(beta h)
     "nf": NormSpec(lambda c, alpha: nn.Identity(), {"alpha": 0.2}, conv=ScaledWSConv2d,
@@ -81,7 +91,7 @@ NORM_SPECS: dict[str, NormSpec] = {
 NORMS = tuple(NORM_SPECS)
 OPTIONS = ("groups", "channels_per_group", "eps", "momentum", "sync_stats", "r_max", "d_max",
            "renorm_from", "r_max_at", "d_max_at", "warmup", "buffer_size", "learned_eps", "act",
-           "alpha")
+           "alpha", "window", "burnin")
 
 
 def _number(low: float, high: float | None = None, low_open: bool = False):
@@ -104,7 +114,8 @@ CHECKS = {"eps": _number(0, low_open=True), "momentum": _number(0, 1, low_open=T
           "sync_stats": _BOOL, "learned_eps": _BOOL, "act": _BOOL,
           "r_max": _number(1), "d_max": _number(0), "renorm_from": _integer(0),
           "r_max_at": _integer(0), "d_max_at": _integer(0), "warmup": _integer(0),
-          "buffer_size": _integer(1), "alpha": _number(0, low_open=True)}
+          "buffer_size": _integer(1), "alpha": _number(0, low_open=True),
+          "window": _integer(1), "burnin": _integer(0)}
 
 
 def resolve_groups(norm: str, num_channels: int, groups: int | None = None,
@@ -127,10 +138,12 @@ def resolve_groups(norm: str, num_channels: int, groups: int | None = None,
     return groups
 
 
-def build_norm(name: str, num_channels: int, **options) -> nn.Module:
+def build_norm(name: str, num_channels: int, conv: nn.Conv2d | None = None,
+               **options) -> nn.Module:
     """A normalization layer for `num_channels` channels.
 
-    name: bn, syncbn, gn, ln, in, bcn, brn, frn, evonorm_b0, evonorm_s0, mabn, none or nf.
+    name: bn, syncbn, gn, ln, in, bcn, brn, frn, evonorm_b0, evonorm_s0, mabn, cbn, none or nf.
+    conv: the convolution before the norm; used by cbn (required there), ignored by the others.
     options (each used by the norms named; defaults in NORM_SPECS):
       groups | channels_per_group  gn, bcn, evonorm_s0 (default 32 groups)
       eps                          every norm (1e-5; frn 1e-6)
@@ -149,6 +162,8 @@ def build_norm(name: str, num_channels: int, **options) -> nn.Module:
       act                          frn, evonorm_*: the layer's nonlinearity (default True)
       alpha                        nf (0.2): the NF block's residual scale (used by the model;
                                    the layer itself is an identity)
+      window, burnin               cbn (8, 0): k, the iterations whose statistics are used;
+                                   the first burnin optimizer steps are plain BN
     """
     if name not in NORM_SPECS:
         raise ValueError(f"norm={name!r} is unknown; allowed: {', '.join(NORMS)}")
@@ -179,6 +194,8 @@ def build_norm(name: str, num_channels: int, **options) -> nn.Module:
         if not CHECKS["act"][0](act):
             raise ValueError(f"{name}: act={act!r} is invalid; allowed: true or false")
         kwargs["act"] = act
+    if spec.takes_conv:
+        kwargs["conv"] = conv
     return spec.build(num_channels, **kwargs)
 
 
@@ -199,6 +216,32 @@ def conv_for(name: str, ws: bool) -> type[nn.Conv2d]:
         raise ValueError(f"norm.ws=true is invalid with norm={name!r}: its convolutions are "
                          "Scaled WS already (a second standardisation); allowed: norm.ws=false")
     return WSConv2d if ws else NORM_SPECS[name].conv
+
+
+class ConvLink:
+    """The conv factory for a norm that takes the conv before it: builds `conv_cls` convs and
+    hands the last one built to the next norm (`take`), each conv to one norm at most."""
+
+    def __init__(self, conv_cls: type[nn.Conv2d]):
+        self.conv_cls, self.last = conv_cls, None
+
+    def __call__(self, *args, **kwargs) -> nn.Conv2d:
+        self.last = self.conv_cls(*args, **kwargs)
+        return self.last
+
+    def take(self) -> nn.Conv2d | None:
+        conv, self.last = self.last, None
+        return conv
+
+
+def conv_factory(name: str, ws: bool) -> tuple[Callable[..., nn.Conv2d], ConvLink | None]:
+    """The conv a model builds before norm `name` (conv_for), and the link that hands each one
+    to the norm after it where the norm takes its conv (cbn); None for the others."""
+    conv = conv_for(name, ws)
+    if not NORM_SPECS[name].takes_conv:
+        return conv, None
+    link = ConvLink(conv)
+    return link, link
 
 
 def nf_alpha(name: str, **options) -> float | None:

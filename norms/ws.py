@@ -25,8 +25,12 @@ class WSConv2d(nn.Conv2d):
                              "(in_channels/groups x kernel area)")
         self.eps = eps
 
+    def standardize(self, weight: torch.Tensor) -> torch.Tensor:
+        """WS of any weight of this conv's filter shape (cbn's derivatives chain through it)."""
+        return Standardize.apply(weight, self.eps)
+
     def standardized_weight(self) -> torch.Tensor:
-        return Standardize.apply(self.weight, self.eps)
+        return self.standardize(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.standardized_weight(), self.bias)

@@ -1,0 +1,246 @@
+"""Cross-Iteration BN (cbn) against the paper's equations written out independently in float64:
+the per-device window with its Taylor compensation (derivatives by autograd, as the authors'
+code takes them, against the layer's closed forms), the floor max(nu, mu^2), burn-in, forward,
+backward (written out), state and eval; K virtual devices = K accumulation micro-steps = K gloo
+processes; the conv-norm link and its one-line errors."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from norms import WSConv2d, build_norm, configure_devices, conv_factory
+from norms.ws import Standardize
+
+DT = torch.float64
+CIN, C, HW = 3, 4, (4, 4)
+OPTS = dict(window=3, burnin=2, eps=1e-3, momentum=0.3)
+
+
+def pair(ws=False, **opts):
+    """conv then cbn through the factory's link, as a model builds them."""
+    conv_cls, link = conv_factory("cbn", ws)
+    conv = conv_cls(CIN, C, 3, padding=1, bias=False)
+    norm = build_norm("cbn", C, conv=link.take(), **{**OPTS, **opts})
+    with torch.no_grad():
+        conv.weight.copy_(torch.linspace(-1, 1, conv.weight.numel()).view(conv.weight.shape))
+        norm.weight.copy_(torch.linspace(0.5, 1.5, C))
+        norm.bias.copy_(torch.linspace(-0.2, 0.2, C))
+    return nn.Sequential(conv, norm).to(DT)
+
+
+class CBNReference:
+    """One device, histories in lists: the paper's estimate over the last k iterations."""
+
+    def __init__(self, gamma, beta, k, burnin, eps, ws):
+        self.gamma, self.beta, self.k, self.burnin, self.eps, self.ws = gamma, beta, k, burnin, \
+            eps, ws
+        self.history, self.t = [], 0  # (mu, nu, dmu/dtheta, dnu/dtheta, theta)
+
+    def weight(self, theta):
+        return Standardize.apply(theta, 1e-5) if self.ws else theta
+
+    def step(self, u, theta, up):
+        """(y, dL/dx, dL/dgamma, dL/dbeta, mu_bar, sigma2) for conv input u, weights theta."""
+        self.t += 1
+        th = theta.detach().clone().requires_grad_(True)
+        x = F.conv2d(u, self.weight(th), padding=1)
+        mu, nu = x.mean((0, 2, 3)), (x * x).mean((0, 2, 3))
+        dmu = torch.autograd.grad(mu.sum(), th, retain_graph=True)[0]  # filter c: d mu_c
+        dnu = torch.autograd.grad(nu.sum(), th)[0]
+        x, mu, nu = x.detach(), mu.detach(), nu.detach()
+        old = []
+        if self.t > self.burnin:
+            for (m0, n0, dm, dn, th0, s) in self.history:
+                if s >= self.t - (self.k - 1):
+                    d = theta - th0
+                    mc, nc = m0 + (dm * d).sum((1, 2, 3)), n0 + (dn * d).sum((1, 2, 3))
+                    old.append((mc, torch.maximum(nc, mc * mc)))
+        if self.t > self.burnin - (self.k - 1):
+            self.history.append((mu, nu, dmu, dnu, theta.detach().clone(), self.t))
+        n = 1 + len(old)
+        a = sum((o[0] for o in old), torch.zeros(C, dtype=DT))
+        b = sum((o[1] for o in old), torch.zeros(C, dtype=DT))
+        mu_bar, nu_bar = (mu + a) / n, (nu + b) / n
+        sigma2 = nu_bar - mu_bar ** 2
+        s = torch.sqrt(sigma2 + self.eps)
+        pc = lambda v: v.view(1, -1, 1, 1)  # noqa: E731
+        xhat = (x - pc(mu_bar)) / pc(s)
+        y = pc(self.gamma) * xhat + pc(self.beta)
+        m = x.numel() // C
+        g = up * pc(self.gamma)
+        d_sigma2 = (g * (x - pc(mu_bar))).sum((0, 2, 3)) * -0.5 * s ** -3
+        d_mu_bar = -g.sum((0, 2, 3)) / s - 2 * mu_bar * d_sigma2
+        dx = g / pc(s) + pc(d_mu_bar) / (n * m) + pc(d_sigma2) * 2 * x / (n * m)
+        return y, dx, (up * xhat).sum((0, 2, 3)), up.sum((0, 2, 3)), mu_bar, sigma2
+
+
+def run(net, u, up):
+    x = net[0](u)
+    x.retain_grad()
+    y = net[1](x)
+    (y * up).sum().backward()
+    return y.detach(), x.grad
+
+
+def data(steps, n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, CIN, *HW, generator=gen, dtype=DT) * (1 + 0.2 * t) + 0.3 * t,
+             torch.randn(n, C, *HW, generator=gen, dtype=DT),
+             torch.randn(C, CIN, 3, 3, generator=gen, dtype=DT) * 0.05) for t in range(steps)]
+
+
+def move(net, step):
+    with torch.no_grad():
+        net[0].weight.add_(step)
+    for p in net.parameters():
+        p.grad = None
+
+
+@pytest.mark.parametrize("devices,ws", [(1, False), (2, False), (2, True)])
+def test_cbn_steps_match_the_paper(devices, ws):
+    """8 steps, k = 3, burn-in 2, weights moving every step: plain BN, then the compensated
+    window (entries from the last k-1 burn-in steps on); buffers, running statistics, eval."""
+    net = pair(ws)
+    configure_devices(net, virtual_devices=devices)
+    norm = net[1]
+    refs = [CBNReference(norm.weight.detach().clone(), norm.bias.detach().clone(), 3, 2, 1e-3,
+                         ws) for _ in range(devices)]
+    running = [torch.zeros(C, dtype=DT), torch.ones(C, dtype=DT)]
+    for u, up, dtheta in data(8, 2 * devices):
+        theta = net[0].weight.detach().clone()
+        y, dx = run(net, u, up)
+        want = [r.step(us, theta, ups) for r, us, ups in zip(refs, u.chunk(devices),
+                                                            up.chunk(devices))]
+        torch.testing.assert_close(y, torch.cat([w[0] for w in want]))
+        torch.testing.assert_close(dx, torch.cat([w[1] for w in want]))
+        torch.testing.assert_close(norm.weight.grad, sum(w[2] for w in want))
+        torch.testing.assert_close(norm.bias.grad, sum(w[3] for w in want))
+        for i in range(2):
+            running[i] = running[i].lerp(sum(w[4 + i] for w in want) / devices, 0.3)
+        move(net, dtheta)
+    torch.testing.assert_close(norm.running_mean, running[0])
+    torch.testing.assert_close(norm.running_var, running[1])
+    assert int(norm.steps) == 8
+    for d, ref in enumerate(refs):  # the window holds the last k-1 = 2 entries
+        last = ref.history[-2:]
+        torch.testing.assert_close(norm.window_mu[d].sum(0), sum(h[0] for h in last))
+        torch.testing.assert_close(norm.window_dnu[d].sum(0), sum(h[3] for h in last))
+    net.eval()
+    u = data(1, 2)[0][0]
+    want = F.batch_norm(net[0](u), running[0], running[1], norm.weight, norm.bias, False, 0,
+                        1e-3)
+    torch.testing.assert_close(net(u), want)
+
+
+def test_cbn_floor_holds_where_the_compensation_overshoots():
+    """A large weight step makes a compensated nu < mu^2: the floor max(nu, mu^2) keeps sigma2
+    the paper's (the reference above would disagree without it)."""
+    net, ref = pair(window=2, burnin=0), None
+    norm = net[1]
+    ref = CBNReference(norm.weight.detach().clone(), norm.bias.detach().clone(), 2, 0, 1e-3,
+                       False)
+    floored = False
+    for u, up, dtheta in data(4, 2, seed=3):
+        theta = net[0].weight.detach().clone()
+        y, dx = run(net, u, up)
+        want = ref.step(u, theta, up)
+        torch.testing.assert_close(y, want[0])
+        torch.testing.assert_close(dx, want[1])
+        if len(ref.history) > 1:
+            m0, n0, dm, dn, th0, _ = ref.history[-2]
+            d = theta - th0
+            mc, nc = m0 + (dm * d).sum((1, 2, 3)), n0 + (dn * d).sum((1, 2, 3))
+            floored |= bool((nc < mc * mc).any())
+        move(net, dtheta * 40)
+    assert floored
+
+
+def test_cbn_accumulation_micro_steps_are_devices():
+    virtual, accum = pair(), pair()
+    configure_devices(virtual, virtual_devices=2)
+    configure_devices(accum, accumulate=2)
+    for u, up, dtheta in data(7, 4):
+        y, dx = run(virtual, u, up)
+        parts = [run(accum, us, ups) for us, ups in zip(u.chunk(2), up.chunk(2))]
+        torch.testing.assert_close(y, torch.cat([p[0] for p in parts]))
+        torch.testing.assert_close(dx, torch.cat([p[1] for p in parts]))
+        move(virtual, dtheta), move(accum, dtheta)
+    for name, buf in virtual.named_buffers():
+        torch.testing.assert_close(buf, accum.get_buffer(name), msg=name)
+
+
+def _processes(rank, init_file):
+    from engine.loop import Process, sync_buffers
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        ref, net = pair(), pair()
+        configure_devices(ref, virtual_devices=4)
+        configure_devices(net, virtual_devices=2, process_group=dist.group.WORLD)
+        mine = slice(rank * 4, rank * 4 + 4)
+        for u, up, dtheta in data(6, 8):
+            y_ref, dx_ref = run(ref, u, up)
+            y, dx = run(net, u[mine], up[mine])
+            torch.testing.assert_close(y, y_ref[mine])
+            torch.testing.assert_close(dx, dx_ref[mine])
+            move(ref, dtheta), move(net, dtheta)
+        sync_buffers(net, Process(rank, 2, torch.device("cpu"), dist.group.WORLD))
+        for (name, b), c in zip(net.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(b, c, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cbn_processes_are_virtual_devices(tmp_path):
+    """2 gloo processes x 2 virtual devices = one process with 4: outputs, gradients, and the
+    per-device windows gathered by the engine."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_processes, args=(str(tmp_path / "init"),), nprocs=2)
+
+
+def test_cbn_closed_form_derivatives_are_autograd_per_device():
+    from norms.cbn import statistic_gradients
+    gen = torch.Generator().manual_seed(5)
+    for conv in (nn.Conv2d(CIN, C, 3, stride=2, padding=1, bias=False),
+                 WSConv2d(CIN, C, 3, padding=1, bias=False)):
+        conv = conv.to(DT)
+        u = torch.randn(6, CIN, 5, 5, generator=gen, dtype=DT)
+        g_mu, g_nu = statistic_gradients(conv, u, conv(u).detach(), 3)
+        for d, ud in enumerate(u.chunk(3)):
+            x = conv(ud)
+            want = torch.autograd.grad(x.mean((0, 2, 3)).sum(), conv.weight)[0]
+            torch.testing.assert_close(g_mu[d], want)
+            x = conv(ud)
+            want = torch.autograd.grad((x * x).mean((0, 2, 3)).sum(), conv.weight)[0]
+            torch.testing.assert_close(g_nu[d], want)
+
+
+def test_cbn_models_link_each_norm_to_the_conv_before_it():
+    from models import build_model
+    for arch, depth in (("resnet", 20), ("resnet", 18), ("vgg", 11)):
+        net = build_model(arch, depth, norm="cbn")
+        mods = list(net.modules())
+        norms = [m for m in mods if type(m).__name__ == "CrossIterationBatchNorm"]
+        assert norms and len({id(n.conv) for n in norms}) == len(norms)
+        for n in norms:  # the conv registered just before the norm
+            i = next(j for j, m in enumerate(mods) if m is n)
+            assert max(j for j, m in enumerate(mods[:i]) if isinstance(m, nn.Conv2d)) == \
+                next(j for j, m in enumerate(mods) if m is n.conv)
+    assert all(type(n.conv) is WSConv2d for n in build_model("resnet", 20, norm="cbn", ws=True)
+               .modules() if hasattr(n, "window_dmu"))
+
+
+def test_cbn_impossible_set_ups_are_one_line():
+    with pytest.raises(ValueError, match="cbn: no convolution before this norm"):
+        build_norm("cbn", 4)
+    with pytest.raises(ValueError, match="out_channels=5, the norm num_channels=4"):
+        build_norm("cbn", 4, conv=nn.Conv2d(3, 5, 3))
+    with pytest.raises(ValueError, match="cbn: window=0 is invalid; allowed: an integer >= 1"):
+        build_norm("cbn", 4, conv=nn.Conv2d(3, 4, 3), window=0)
+    norm = build_norm("cbn", 4, conv=nn.Conv2d(3, 4, 3), window=2, burnin=0)
+    with pytest.raises(ValueError, match="did not run on this batch just before it"):
+        norm(torch.randn(2, 4, 3, 3))
