@@ -96,8 +96,8 @@ class OnlineNorm(DeviceAware, nn.Module):
         z = torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
         if self.ecm == "ls":
             return z / (z.square().mean(tuple(range(1, z.dim())), keepdim=True) + self.eps).sqrt()
-        if self.ecm == "ac":  # hardtanh: no gradient at the bounds, as the authors' clamp
-            return F.hardtanh(z, -self.clamp, self.clamp)
+        if self.ecm == "ac":  # no gradient at the bounds either, as in the authors' numpy
+            return z.clamp(-self.clamp, self.clamp)
         return z
 
 

@@ -149,13 +149,13 @@ def test_online_accumulation_micro_steps_are_devices():
 
 
 def test_online_clamp_has_no_gradient_at_its_bound():
-    """The authors zero the gradient where the output equals +-clamp; torch.clamp would pass it."""
+    """The authors' numpy reference zeroes the gradient where the output equals +-clamp."""
     layer = build_norm("online", 1, ecm="none").to(DT).eval()
     x = torch.tensor([[[[2.0, -2.0, 1.0]]]], dtype=DT, requires_grad=True)
-    layer.ecm, layer.clamp = "ac", float(layer(x)[0, 0, 0, 0].detach())  # outputs 0, 1 at the bounds
+    layer.ecm, layer.clamp = "ac", float(layer(x)[0, 0, 0, 0].detach())  # 0, 1 at the bounds
     layer(x).sum().backward()
-    torch.testing.assert_close(x.grad, torch.tensor([[[[0.0, 0.0, (1 + 1e-5) ** -0.5]]]], dtype=DT),
-                               rtol=1e-15, atol=0)
+    want = torch.tensor([[[[0.0, 0.0, (1 + 1e-5) ** -0.5]]]], dtype=DT)
+    torch.testing.assert_close(x.grad, want, rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("options,message", [
