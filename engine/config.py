@@ -63,6 +63,10 @@ class NormConfig:
     simulated_batch: Optional[int] = None  # mabn: averages over simulated_batch / b steps
     learned_eps: bool = False        # frn: eps + |eps_l|, eps_l learned (eps the floor)
     alpha: Optional[float] = None    # nf: the NF block's residual scale (default 0.2)
+    alpha_fwd: Optional[float] = None  # online: decay of the streamed mean and variance
+    alpha_bkw: Optional[float] = None  # online: decay of the backward's control processes
+    ecm: Optional[str] = None        # online: error compensation, ls | ac | none
+    clamp: Optional[float] = None    # online: the clamp of ecm=ac (5)
 
 
 @dataclass
@@ -250,7 +254,7 @@ def norm_options(cfg, total_steps: int | None = None) -> dict[str, Any]:
         opts["channels_per_group"] = n.channels_per_group
     elif n.groups is not None:
         opts["groups"] = n.groups
-    for key in ("r_max", "d_max", "alpha"):
+    for key in ("r_max", "d_max", "alpha", "alpha_fwd", "alpha_bkw", "ecm", "clamp"):
         if n[key] is not None:
             opts[key] = n[key]
     for key in STEP_KEYS:

@@ -97,6 +97,10 @@ def test_typed_schema_rejects_at_composition(override):
     (["norm=mabn", "batch_size_per_device=3"], r"norm.simulated_batch=32 is invalid; allowed: "
                                                r"a multiple of batch_size_per_device=3"),
     (["norm=frn", "norm.eps=0"], r"norm.eps=0.0 is invalid; allowed: a number > 0"),
+    (["norm=online", "norm.ecm=clip"], r"online: norm.ecm='clip' is invalid; allowed: ls | ac | "
+                                       r"none"),
+    (["norm=online", "norm.alpha_fwd=1.5"], r"online: norm.alpha_fwd=1.5 is invalid; allowed: a "
+                                            r"number in \[0, 1\]"),
 ])
 def test_validation_names_key_value_and_allowed(overrides, match):
     cfg = make_cfg("data.root=/x", *overrides)
