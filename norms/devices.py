@@ -17,7 +17,8 @@ Every device of the job has one index, d = (rank * A + a) * K + k for virtual de
 micro-step a in process `rank`: the engine's layout of the global batch. Layers whose state is
 per device (MABN's moving averages, Online Norm's streams) keep it in `per_device_buffers`,
 whose dim 0 is d; each process updates its own rows, and the engine gathers every process's
-rows before evaluating or saving a checkpoint (`engine.loop.sync_buffers`), so a checkpoint holds every device's state.
+rows before evaluating or saving a checkpoint (`engine.loop.sync_buffers`), so a checkpoint
+holds every device's state.
 
 A measurement on one process (the probes during training) takes `one_process_copy`: a copy
 laid out for that process's K devices alone, so the trained model's layout and state are never
