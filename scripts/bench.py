@@ -66,7 +66,8 @@ from engine.loop import (Process, Step, WarmupCosine, keep_freed_memory, train_e
 from models import build_model  # noqa: E402
 from norms import RELU_GAMMA, ScaledWSConv2d, WSConv2d, build_norm, configure_devices  # noqa: E402
 
-NORMS = ("bn", "gn", "ln", "in", "bcn", "brn", "frn", "evonorm_b0", "evonorm_s0", "mabn")
+NORMS = ("bn", "gn", "ln", "in", "bcn", "brn", "frn", "evonorm_b0", "evonorm_s0", "mabn",
+         "online")
 SHAPES = ((64, 64, 16, 16), (2, 64, 16, 16))  # a realistic activation, a micro-batch one
 GROUPS = 8  # the project's default (engine/config.py)
 GOALS = {"norm_vs_native": ("<=", 1.5), "norm_vs_native.bcn": ("<=", 2.5),
@@ -119,11 +120,11 @@ def shape_key(shape) -> str:
 
 def native_norm(name: str, c: int, device="cpu") -> Callable:
     """The cheapest torch-native computation of the norm's maths, or of its closest kin:
-    F.batch_norm for the batch-statistics norms (bn, brn, evonorm_b0, mabn), F.group_norm for
+    F.batch_norm for the batch-statistics norms (bn, brn, evonorm_b0, mabn, online), F.group_norm for
     the rest (bcn: its channel-norm base; frn: per sample and channel, as G = C)."""
     weight = torch.ones(c, device=device, requires_grad=True)
     bias = torch.zeros(c, device=device, requires_grad=True)
-    if name in ("bn", "brn", "evonorm_b0", "mabn"):
+    if name in ("bn", "brn", "evonorm_b0", "mabn", "online"):
         mean, var = torch.zeros(c, device=device), torch.ones(c, device=device)
         return lambda x: F.batch_norm(x, mean, var, weight, bias, True, 0.1, 1e-5)
     groups = {"gn": GROUPS, "bcn": GROUPS, "evonorm_s0": GROUPS, "ln": 1, "in": c, "frn": c}[name]
