@@ -367,13 +367,14 @@ def test_every_queued_cell_of_the_study_composes_and_validates(study):
         assert global_batch(cfg) == 64 and cfg.data.root == "/data/cifar10"
         assert not cfg.data.download and cfg.trainer.num_threads == 1
     if study == "short":
-        assert len(cells) == 98
+        assert len(cells) == 104
         assert (cfg.trainer.epochs, cfg.data.train_subset) == (4, 20000)
-        # the normalizer-free cells close the queue
-        assert [c[0].removeprefix("/q/") for c in cells[-7:]] == [
+        # the normalizer-free cells, then online's, close the queue
+        assert [c[0].removeprefix("/q/") for c in cells[-13:-6]] == [
             "resnet20/nf_b1_s0", "resnet20/nf_b2_s0", "resnet20/nf_b64_s0", "vgg11/nf_b1_s0",
             "resnet20/nf_b1_s1", "vgg11/nf_b1_s1", "resnet20/nf_agc_b1_s0"]
-        nf_agc = make_cfg(*cells[-1][1:])
+        assert all("/online_b" in c[0] for c in cells[-6:])
+        nf_agc = make_cfg(*cells[-7][1:])
         assert (nf_agc.norm.name, nf_agc.optim.agc) == ("nf", 0.01)
 
 
@@ -390,6 +391,12 @@ def test_select_keeps_the_matching_cells_of_the_queue():
         "/q/resnet20/nf_b1_s0", "/q/resnet20/nf_b2_s0", "/q/resnet20/nf_b64_s0",
         "/q/vgg11/nf_b1_s0", "/q/resnet20/nf_b1_s1", "/q/vgg11/nf_b1_s1",
         "/q/resnet20/nf_agc_b1_s0"]
+    env["SELECT"] = "norm=online"
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "microbatch_study.sh"), "/q"], env=env,
+                         capture_output=True, text=True, check=True)
+    assert [line.split()[0] for line in out.stdout.splitlines()] == [
+        "/q/resnet20/online_b1_s0", "/q/resnet20/online_b2_s0", "/q/resnet20/online_b64_s0",
+        "/q/vgg11/online_b1_s0", "/q/resnet20/online_b1_s1", "/q/vgg11/online_b1_s1"]
 
 
 def test_the_long_study_queues_its_cells_in_the_issues_order_on_the_long_schedule():
@@ -401,7 +408,8 @@ def test_the_long_study_queues_its_cells_in_the_issues_order_on_the_long_schedul
         "bn_b1_s0", "bn_b2_s0", "bn_b64_s0", "bcn_ws_b1_s0", "gn_b1_s0", "mabn_b1_s0",
         "evonorm_s0_b1_s0", "frn_b1_s0", "brn_b1_s0"}
     assert order[-3:] == ["vgg11/bn_b64_s0", "vgg11/bn_b1_s0", "vgg11/bcn_ws_b1_s0"]
-    assert len(order) == 34
+    assert order[-5:-3] == ["resnet20/online_b1_s0", "resnet20/online_b64_s0"]
+    assert len(order) == 36
     for folder, cfg in cells.items():
         epochs = 40 if folder.endswith("_e40") else 20
         assert (cfg.trainer.epochs, cfg.data.train_subset, cfg.name) == (epochs, 0,
