@@ -31,7 +31,9 @@ streams its own samples in order, forward and backward. Nothing is shared betwee
 K virtual devices, K processes and K accumulation micro-steps are the same computation (the
 engine gathers the rows before eval and checkpoints, as for MABN). The state u, v changes in
 the backward: a forward without its backward (activation recomputation) or DDP's buffer
-broadcast would corrupt it; the engine does neither.
+broadcast would corrupt it; the engine does neither. The control processes run on in every
+backward, never reset (as the authors'); the backward has no second derivative (double
+backward is an error, `once_differentiable`).
 
 Defaults are the authors' CIFAR-10 ResNet command: alpha_f = 1023/1024, alpha_b = 127/128,
 layer scaling, eps 1e-5 (their ls_eps is the same 1e-5: one eps serves both here).
@@ -56,7 +58,7 @@ class OnlineNorm(DeviceAware, nn.Module):
                  clamp: float = 5.0):
         super().__init__()
         if ecm not in ECMS:
-            raise ValueError(f"online: ecm={ecm!r} is invalid; allowed: {', '.join(ECMS)}")
+            raise ValueError(f"online: ecm={ecm!r} is invalid; allowed: {' | '.join(ECMS)}")
         self.num_channels, self.alpha_fwd, self.alpha_bkw = num_channels, alpha_fwd, alpha_bkw
         self.eps, self.ecm, self.clamp = eps, ecm, clamp
         self.weight = nn.Parameter(torch.ones(num_channels))

@@ -166,3 +166,25 @@ def test_online_clamp_has_no_gradient_at_its_bound():
 def test_online_bad_options_are_one_line(options, message):
     with pytest.raises(ValueError, match=message):
         build_norm("online", 4, **options)
+
+
+@pytest.mark.parametrize("shape", [(2, C), (2, C, 1, 1)])
+def test_online_without_spatial_extent_streams_the_values(shape):
+    """[N, C] input and 1x1 maps: a_t is the value itself and s2_t = 0; b = 1 per device."""
+    gen = torch.Generator().manual_seed(27)
+    layer = make(gen, "none", devices=2)
+    ref = [OnlineReference(layer.weight.detach(), layer.bias.detach(), 0.8, 0.7, 1e-3, "none",
+                           1.0) for _ in range(2)]
+    for x, up in batches(gen, 3, 2, hw=(1, 1)):
+        got = step(layer, x.view(shape), up.view(shape))
+        want = [r.step(xs, us) for r, xs, us in zip(ref, x.chunk(2), up.chunk(2))]
+        torch.testing.assert_close(got[0], torch.cat([w[0] for w in want]).view(shape))
+        torch.testing.assert_close(got[1], torch.cat([w[1] for w in want]).view(shape))
+
+
+def test_online_double_backward_is_a_clear_error():
+    layer = build_norm("online", 3)
+    x = torch.randn(2, 3, 2, 2, requires_grad=True)
+    (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        g.sum().backward()
