@@ -32,6 +32,19 @@ def test_norm_presets(preset, name, ws, groups):
     validate(cfg)
 
 
+@pytest.mark.parametrize("preset", ["online", "online_ws"])
+def test_online_presets_are_the_authors_cifar_command(preset):
+    from models import build_model
+    from norms import OnlineNorm
+    cfg = make_cfg(f"norm={preset}", "norm.ecm=ac")
+    assert cfg.norm.ws == preset.endswith("_ws")
+    validate(cfg)
+    model = build_model("resnet", 8, norm="online", **norm_options(cfg))
+    layers = [m for m in model.modules() if isinstance(m, OnlineNorm)]
+    assert layers and {(m.alpha_fwd, m.alpha_bkw, m.ecm, m.clamp) for m in layers} == {
+        (1023 / 1024, 127 / 128, "ac", 5.0)}
+
+
 def test_contract_keys_override():
     cfg = make_cfg("model=vgg", "model.depth=11", "norm=gn", "norm.ws=true", "norm.groups=16",
                    "batch_size_per_device=2", "seed=3", "data.root=/x", "data.download=false",
