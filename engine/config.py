@@ -443,6 +443,10 @@ def validate_fast_paths(cfg) -> None:
     t = cfg.trainer
     _require(t.precision in PRECISIONS, "trainer.precision", t.precision, ", ".join(PRECISIONS))
     cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if t.precision == "fp16" and cfg.norm.name == "online":
+        raise ConfigError("trainer.precision='fp16' is invalid with norm.name='online': its "
+                          "backward's control processes carry the loss-scaled gradient (and an "
+                          "overflow step's inf) into every later step; allowed: fp32, bf16")
     if t.precision == "fp16" and not cuda:
         raise ConfigError("trainer.precision='fp16' needs CUDA (autocast with a GradScaler); "
                           "allowed on CPU: fp32, bf16")

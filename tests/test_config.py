@@ -112,6 +112,8 @@ def test_typed_schema_rejects_at_composition(override):
     (["norm=frn", "norm.eps=0"], r"norm.eps=0.0 is invalid; allowed: a number > 0"),
     (["norm=online", "norm.ecm=clip"], r"online: norm.ecm='clip' is invalid; allowed: ls | ac | "
                                        r"none"),
+    (["norm=online", "trainer.precision=fp16"], r"trainer.precision='fp16' is invalid with "
+                                                r"norm.name='online': .*; allowed: fp32, bf16"),
     (["norm=online", "norm.alpha_fwd=1.5"], r"online: norm.alpha_fwd=1.5 is invalid; allowed: a "
                                             r"number in \[0, 1\]"),
 ])
