@@ -20,7 +20,8 @@ sample by sample in the same order, with g_t = dL/dy_t:
 Then the per-channel affine z = gamma y + beta and the error compensation (`ecm`), in training
 and eval alike: "ls", layer scaling, z / sqrt(mean_CHW(z^2) + eps) per sample (the authors'
 CIFAR scripts); "ac", activation clamping to [-clamp, clamp] with no gradient at or beyond the
-bounds (their library's later default); "none". Both are exact autograd.
+bounds (their library's later default); "none". Both give their exact gradients (layer
+scaling's written out in `LayerScaling`, clamping by autograd).
 
 Eval: (x - mu) / sqrt(var + eps) with the devices' streams pooled as one mixture:
 mu = mean_d mu_d, var = mean_d (var_d + (mu_d - mu)^2); with one device, the authors' eval.
@@ -97,10 +98,31 @@ class OnlineNorm(DeviceAware, nn.Module):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         z = torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
         if self.ecm == "ls":
-            return z * (z.square().mean(tuple(range(1, z.dim())), keepdim=True) + self.eps).rsqrt()
+            return LayerScaling.apply(z, self.eps)
         if self.ecm == "ac":  # no gradient at the bounds either, as in the authors' numpy
             return z.clamp(-self.clamp, self.clamp)
         return z
+
+
+class LayerScaling(torch.autograd.Function):
+    """out = z / sqrt(mean_CHW(z^2) + eps) per sample, and its gradient written out (autograd's
+    takes twice the passes): dL/dz = (g - mean_CHW(g out) out) / sqrt(mean_CHW(z^2) + eps)."""
+
+    @staticmethod
+    def forward(ctx, z, eps):
+        dims = tuple(range(1, z.dim()))
+        r = (z.square().mean(dims, keepdim=True) + eps).rsqrt()
+        out = z * r
+        ctx.save_for_backward(out, r)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        out, r = ctx.saved_tensors
+        dims = tuple(range(1, g.dim()))
+        proj = (g * out).mean(dims, keepdim=True)
+        return torch.addcmul(g, out, proj, value=-1).mul_(r), None
 
 
 def decayed(s0: torch.Tensor, c: torch.Tensor, alpha: float):

@@ -188,3 +188,9 @@ def test_online_double_backward_is_a_clear_error():
     (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
         g.sum().backward()
+
+
+def test_online_layer_scaling_backward_is_its_exact_gradient():
+    from norms.online import LayerScaling
+    z = torch.randn(2, 3, 2, 2, dtype=DT, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: LayerScaling.apply(z, 1e-3), (z,))
