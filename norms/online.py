@@ -105,24 +105,23 @@ class OnlineNorm(DeviceAware, nn.Module):
 
 
 class LayerScaling(torch.autograd.Function):
-    """out = z / sqrt(mean_CHW(z^2) + eps) per sample, and its gradient written out (autograd's
-    takes twice the passes): dL/dz = (g - mean_CHW(g out) out) / sqrt(mean_CHW(z^2) + eps)."""
+    """out = z r per sample, r = 1 / sqrt(mean_CHW(z^2) + eps), and its gradient written out
+    (autograd's takes twice the passes): dL/dz = (g - mean_CHW(g out) out) r
+    = (g - r^2 mean_CHW(g z) z) r. It keeps z, not out: the ReLU after it may work in place."""
 
     @staticmethod
     def forward(ctx, z, eps):
         dims = tuple(range(1, z.dim()))
         r = (z.square().mean(dims, keepdim=True) + eps).rsqrt()
-        out = z * r
-        ctx.save_for_backward(out, r)
-        return out
+        ctx.save_for_backward(z, r)
+        return z * r
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
-        out, r = ctx.saved_tensors
-        dims = tuple(range(1, g.dim()))
-        proj = (g * out).mean(dims, keepdim=True)
-        return torch.addcmul(g, out, proj, value=-1).mul_(r), None
+        z, r = ctx.saved_tensors
+        proj = (g * z).mean(tuple(range(1, g.dim())), keepdim=True) * r.square()
+        return torch.addcmul(g, z, proj, value=-1).mul_(r), None
 
 
 def decayed(s0: torch.Tensor, c: torch.Tensor, alpha: float):

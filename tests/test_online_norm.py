@@ -194,3 +194,18 @@ def test_online_layer_scaling_backward_is_its_exact_gradient():
     from norms.online import LayerScaling
     z = torch.randn(2, 3, 2, 2, dtype=DT, requires_grad=True)
     assert torch.autograd.gradcheck(lambda z: LayerScaling.apply(z, 1e-3), (z,))
+
+
+@pytest.mark.parametrize("ecm", ["ls", "ac", "none"])
+def test_online_then_an_in_place_relu(ecm):
+    """Models put nn.ReLU(inplace=True) after a norm: the gradients equal an out-of-place one's."""
+    gen = torch.Generator().manual_seed(28)
+    layers = [make(gen, ecm) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    x, up = batches(gen, 1, 4)[0]
+    grads = []
+    for layer, relu in zip(layers, (torch.relu, torch.relu_)):
+        xr = x.clone().requires_grad_(True)
+        (relu(layer(xr)) * up).sum().backward()
+        grads.append(xr.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
