@@ -65,6 +65,10 @@ class NormConfig:
     alpha: Optional[float] = None    # nf: the NF block's residual scale (default 0.2)
     window: Optional[int] = None     # cbn: k, the iterations whose statistics are used (8)
     burnin: Optional[float] = None   # cbn: plain-BN steps before the window is used
+    alpha_fwd: Optional[float] = None  # online: decay of the streamed mean and variance
+    alpha_bkw: Optional[float] = None  # online: decay of the backward's control processes
+    ecm: Optional[str] = None        # online: error compensation, ls | ac | none
+    clamp: Optional[float] = None    # online: the clamp of ecm=ac (5)
 
 
 @dataclass
@@ -252,7 +256,7 @@ def norm_options(cfg, total_steps: int | None = None) -> dict[str, Any]:
         opts["channels_per_group"] = n.channels_per_group
     elif n.groups is not None:
         opts["groups"] = n.groups
-    for key in ("r_max", "d_max", "alpha", "window"):
+    for key in ("r_max", "d_max", "alpha", "window", "alpha_fwd", "alpha_bkw", "ecm", "clamp"):
         if n[key] is not None:
             opts[key] = n[key]
     for key in STEP_KEYS:
@@ -441,6 +445,10 @@ def validate_fast_paths(cfg) -> None:
     t = cfg.trainer
     _require(t.precision in PRECISIONS, "trainer.precision", t.precision, ", ".join(PRECISIONS))
     cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    if t.precision == "fp16" and cfg.norm.name == "online":
+        raise ConfigError("trainer.precision='fp16' is invalid with norm.name='online': its "
+                          "backward's control processes carry the loss-scaled gradient (and an "
+                          "overflow step's inf) into every later step; allowed: fp32, bf16")
     if t.precision == "fp16" and not cuda:
         raise ConfigError("trainer.precision='fp16' needs CUDA (autocast with a GradScaler); "
                           "allowed on CPU: fp32, bf16")

@@ -1,7 +1,7 @@
 """Normalization layers for micro-batch training, and WS.
 
     build_norm(name, num_channels, **options) -> nn.Module
-        bn syncbn gn ln in bcn brn frn evonorm_b0 evonorm_s0 mabn cbn none nf
+        bn syncbn gn ln in bcn brn frn evonorm_b0 evonorm_s0 mabn cbn online none nf
         (cbn takes conv=, the convolution before it)
     build_norm_act(name, num_channels, **options) -> (norm, activation)   "norm then ReLU"
     conv_for(name, ws) -> the conv class before a norm (WSConv2d, CenConv2d for mabn,
@@ -28,13 +28,14 @@ from .factory import (NORM_SPECS, NORMS, OPTIONS, ConvLink, FusedActivation, bui
 from .frn import FilterResponseNorm
 from .groupnorm import GroupNorm
 from .mabn import CenConv2d, MovingAverageBatchNorm
+from .online import OnlineNorm
 from .ws import RELU_GAMMA, ScaledWSConv2d, WSConv2d
 
 __all__ = ["NORMS", "NORM_SPECS", "OPTIONS", "RELU_GAMMA", "BatchNorm", "BatchRenorm",
            "BatchChannelNorm", "CenConv2d", "ConvLink", "CrossIterationBatchNorm", "DeviceAware",
            "EstimatedBatchNorm", "EvoNormB0",
            "EvoNormS0", "FilterResponseNorm", "FusedActivation", "GroupNorm",
-           "MovingAverageBatchNorm", "ScaledWSConv2d", "WSConv2d", "build_norm", "build_norm_act",
-           "check_statistics", "configure_devices", "conv_factory", "conv_for", "nf_alpha",
-           "one_process_copy",
+           "MovingAverageBatchNorm", "OnlineNorm", "ScaledWSConv2d", "WSConv2d", "build_norm",
+           "build_norm_act", "check_statistics", "configure_devices", "conv_factory", "conv_for",
+           "nf_alpha", "one_process_copy",
            "resolve_groups"]

@@ -1,7 +1,7 @@
 """The seam between batch-dependent layers and the engine's device layout.
 
 A model never knows how many devices share its batch. The engine tells the layers whose
-statistics depend on the batch (bn, syncbn, bcn, brn, evonorm_b0, mabn) with
+statistics depend on the batch (bn, syncbn, bcn, brn, evonorm_b0, mabn, online) with
 `configure_devices`:
 
 - `virtual_devices` K: the process's batch holds K device-slices of equal size, stacked along
@@ -15,9 +15,10 @@ statistics depend on the batch (bn, syncbn, bcn, brn, evonorm_b0, mabn) with
 
 Every device of the job has one index, d = (rank * A + a) * K + k for virtual device k of
 micro-step a in process `rank`: the engine's layout of the global batch. Layers whose state is
-per device (MABN's moving averages) keep it in `per_device_buffers`, whose dim 0 is d; each
-process updates its own rows, and the engine gathers every process's rows before evaluating or
-saving a checkpoint (`engine.loop.sync_buffers`), so a checkpoint holds every device's state.
+per device (MABN's moving averages, Online Norm's streams) keep it in `per_device_buffers`,
+whose dim 0 is d; each process updates its own rows, and the engine gathers every process's
+rows before evaluating or saving a checkpoint (`engine.loop.sync_buffers`), so a checkpoint
+holds every device's state.
 
 A measurement on one process (the probes during training) takes `one_process_copy`: a copy
 laid out for that process's K devices alone, so the trained model's layout and state are never

@@ -36,6 +36,7 @@ from .evonorm import EvoNormB0, EvoNormS0
 from .frn import FilterResponseNorm
 from .groupnorm import GroupNorm
 from .mabn import CenConv2d, MovingAverageBatchNorm
+from .online import ECMS, OnlineNorm
 from .ws import ScaledWSConv2d
 
 DEFAULT_GROUPS = 32  # GN paper and the BCN authors' code
@@ -83,6 +84,9 @@ NORM_SPECS: dict[str, NormSpec] = {
     # Yao et al.: k = 8 as the paper's ImageNet runs; burn-in in optimizer steps
     "cbn": NormSpec(CrossIterationBatchNorm, {"eps": 1e-5, "momentum": 0.1, "window": 8,
                                               "burnin": 0}, takes_conv=True),
+    # Chiley et al. 2019, the authors' CIFAR-10 command: 1023/1024, 127/128, layer scaling
+    "online": NormSpec(OnlineNorm, {"alpha_fwd": 1023 / 1024, "alpha_bkw": 127 / 128,
+                                    "eps": 1e-5, "ecm": "ls", "clamp": 5.0}),
     "none": NormSpec(lambda c: nn.Identity()),
     # Brock et al. 2021a: no norm; Scaled WS convs and NF blocks h + alpha * skip_gain * f(beta h)
     "nf": NormSpec(lambda c, alpha: nn.Identity(), {"alpha": 0.2}, conv=ScaledWSConv2d,
@@ -91,7 +95,7 @@ NORM_SPECS: dict[str, NormSpec] = {
 NORMS = tuple(NORM_SPECS)
 OPTIONS = ("groups", "channels_per_group", "eps", "momentum", "sync_stats", "r_max", "d_max",
            "renorm_from", "r_max_at", "d_max_at", "warmup", "buffer_size", "learned_eps", "act",
-           "alpha", "window", "burnin")
+           "alpha", "window", "burnin", "alpha_fwd", "alpha_bkw", "ecm", "clamp")
 
 
 def _number(low: float, high: float | None = None, low_open: bool = False):
@@ -115,7 +119,9 @@ CHECKS = {"eps": _number(0, low_open=True), "momentum": _number(0, 1, low_open=T
           "r_max": _number(1), "d_max": _number(0), "renorm_from": _integer(0),
           "r_max_at": _integer(0), "d_max_at": _integer(0), "warmup": _integer(0),
           "buffer_size": _integer(1), "alpha": _number(0, low_open=True),
-          "window": _integer(1), "burnin": _integer(0)}
+          "window": _integer(1), "burnin": _integer(0),
+          "alpha_fwd": _number(0, 1), "alpha_bkw": _number(0, 1),
+          "ecm": (lambda v: v in ECMS, " | ".join(ECMS)), "clamp": _number(0, low_open=True)}
 
 
 def resolve_groups(norm: str, num_channels: int, groups: int | None = None,
@@ -142,7 +148,8 @@ def build_norm(name: str, num_channels: int, conv: nn.Conv2d | None = None,
                **options) -> nn.Module:
     """A normalization layer for `num_channels` channels.
 
-    name: bn, syncbn, gn, ln, in, bcn, brn, frn, evonorm_b0, evonorm_s0, mabn, cbn, none or nf.
+    name: bn, syncbn, gn, ln, in, bcn, brn, frn, evonorm_b0, evonorm_s0, mabn, cbn, online, none
+    or nf.
     conv: the convolution before the norm; used by cbn (required there), ignored by the others.
     options (each used by the norms named; defaults in NORM_SPECS):
       groups | channels_per_group  gn, bcn, evonorm_s0 (default 32 groups)
@@ -160,6 +167,10 @@ def build_norm(name: str, num_channels: int, conv: nn.Conv2d | None = None,
       warmup, buffer_size          mabn (100, 16): steps on the current batch's statistics; m
       learned_eps                  frn: eps + |eps_l|, eps_l learned (eps the floor)
       act                          frn, evonorm_*: the layer's nonlinearity (default True)
+      alpha_fwd, alpha_bkw         online (1023/1024, 127/128): the decays of the forward's
+                                   streamed statistics and of the backward's control processes
+      ecm, clamp                   online: error compensation, ls (layer scaling, default) |
+                                   ac (activation clamping to +-clamp, 5) | none
       alpha                        nf (0.2): the NF block's residual scale (used by the model;
                                    the layer itself is an identity)
       window, burnin               cbn (8, 0): k, the iterations whose statistics are used;

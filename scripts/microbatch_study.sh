@@ -17,7 +17,7 @@
 #
 # SELECT (an extended regex, default: every cell) keeps only the matching cells, e.g. the
 # published micro-batch normalizers added later: SELECT='norm=(brn|frn|evonorm|mabn)', or the
-# normalizer-free cells: SELECT='norm=nf' (nf and nf_agc).
+# normalizer-free cells: SELECT='norm=nf' (nf and nf_agc), or SELECT='norm=online'.
 #
 # OUT defaults to multirun/microbatch_cpu (multirun/microbatch_long); one folder per cell. The
 # cells run from a queue, JOBS (default 2) at a time with one thread each, most important first,
@@ -86,6 +86,10 @@ short_cells() {  # one cell a line: overrides, most important first
   echo "$V11 norm=nf batch_size_per_device=1 seed=0"
   for m in "$R20" "$V11"; do echo "$m norm=nf batch_size_per_device=1 seed=1"; done
   echo "$R20 norm=nf_agc batch_size_per_device=1 seed=0"
+  # Online Normalization (per-device streams: b changes how many samples a step streams).
+  for b in 1 2 64; do echo "$R20 norm=online batch_size_per_device=$b seed=0"; done
+  echo "$V11 norm=online batch_size_per_device=1 seed=0"
+  for m in "$R20" "$V11"; do echo "$m norm=online batch_size_per_device=1 seed=1"; done
 }
 
 long_cells() {  # the long schedule (issue 20's list), most important first
@@ -110,6 +114,8 @@ long_cells() {  # the long schedule (issue 20's list), most important first
   for n in bn:64 bcn_ws:1 gn:1 "$best":1; do
     echo "$R20 norm=${n%:*} batch_size_per_device=${n#*:} seed=0 trainer.epochs=40"
   done
+  # Online Normalization (issue 24), at one image per device and beside its b = 64.
+  for b in 1 64; do echo "$R20 norm=online batch_size_per_device=$b seed=0"; done
   for b in 64 1; do echo "$V11 norm=bn batch_size_per_device=$b seed=0"; done
   echo "$V11 norm=bcn_ws batch_size_per_device=1 seed=0"
 }

@@ -28,7 +28,7 @@ TINY = ("data=synthetic", "data.train_size=256", "data.test_size=64", "model.dep
 # Every norm whose statistics depend on the batch (a DeviceAware layer), as `norm=` overrides
 # (tests/test_train.py checks that the list is complete).
 BATCH_DEPENDENT = ("bn", "syncbn", "bcn_ws", "bcn_ws norm.sync_stats=false", "brn", "evonorm_b0",
-                   "mabn")
+                   "mabn", "online", "cbn")
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:

@@ -32,6 +32,19 @@ def test_norm_presets(preset, name, ws, groups):
     validate(cfg)
 
 
+@pytest.mark.parametrize("preset", ["online", "online_ws"])
+def test_online_presets_are_the_authors_cifar_command(preset):
+    from models import build_model
+    from norms import OnlineNorm
+    cfg = make_cfg(f"norm={preset}", "norm.ecm=ac")
+    assert cfg.norm.ws == preset.endswith("_ws")
+    validate(cfg)
+    model = build_model("resnet", 8, norm="online", **norm_options(cfg))
+    layers = [m for m in model.modules() if isinstance(m, OnlineNorm)]
+    assert layers and {(m.alpha_fwd, m.alpha_bkw, m.ecm, m.clamp) for m in layers} == {
+        (1023 / 1024, 127 / 128, "ac", 5.0)}
+
+
 def test_contract_keys_override():
     cfg = make_cfg("model=vgg", "model.depth=11", "norm=gn", "norm.ws=true", "norm.groups=16",
                    "batch_size_per_device=2", "seed=3", "data.root=/x", "data.download=false",
@@ -97,6 +110,12 @@ def test_typed_schema_rejects_at_composition(override):
     (["norm=mabn", "batch_size_per_device=3"], r"norm.simulated_batch=32 is invalid; allowed: "
                                                r"a multiple of batch_size_per_device=3"),
     (["norm=frn", "norm.eps=0"], r"norm.eps=0.0 is invalid; allowed: a number > 0"),
+    (["norm=online", "norm.ecm=clip"], r"online: norm.ecm='clip' is invalid; allowed: ls | ac | "
+                                       r"none"),
+    (["norm=online", "trainer.precision=fp16"], r"trainer.precision='fp16' is invalid with "
+                                                r"norm.name='online': .*; allowed: fp32, bf16"),
+    (["norm=online", "norm.alpha_fwd=1.5"], r"online: norm.alpha_fwd=1.5 is invalid; allowed: a "
+                                            r"number in \[0, 1\]"),
 ])
 def test_validation_names_key_value_and_allowed(overrides, match):
     cfg = make_cfg("data.root=/x", *overrides)
@@ -363,13 +382,14 @@ def test_every_queued_cell_of_the_study_composes_and_validates(study):
         assert global_batch(cfg) == 64 and cfg.data.root == "/data/cifar10"
         assert not cfg.data.download and cfg.trainer.num_threads == 1
     if study == "short":
-        assert len(cells) == 98
+        assert len(cells) == 104
         assert (cfg.trainer.epochs, cfg.data.train_subset) == (4, 20000)
-        # the normalizer-free cells close the queue
-        assert [c[0].removeprefix("/q/") for c in cells[-7:]] == [
+        # the normalizer-free cells, then online's, close the queue
+        assert [c[0].removeprefix("/q/") for c in cells[-13:-6]] == [
             "resnet20/nf_b1_s0", "resnet20/nf_b2_s0", "resnet20/nf_b64_s0", "vgg11/nf_b1_s0",
             "resnet20/nf_b1_s1", "vgg11/nf_b1_s1", "resnet20/nf_agc_b1_s0"]
-        nf_agc = make_cfg(*cells[-1][1:])
+        assert all("/online_b" in c[0] for c in cells[-6:])
+        nf_agc = make_cfg(*cells[-7][1:])
         assert (nf_agc.norm.name, nf_agc.optim.agc) == ("nf", 0.01)
 
 
@@ -386,6 +406,12 @@ def test_select_keeps_the_matching_cells_of_the_queue():
         "/q/resnet20/nf_b1_s0", "/q/resnet20/nf_b2_s0", "/q/resnet20/nf_b64_s0",
         "/q/vgg11/nf_b1_s0", "/q/resnet20/nf_b1_s1", "/q/vgg11/nf_b1_s1",
         "/q/resnet20/nf_agc_b1_s0"]
+    env["SELECT"] = "norm=online"
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "microbatch_study.sh"), "/q"], env=env,
+                         capture_output=True, text=True, check=True)
+    assert [line.split()[0] for line in out.stdout.splitlines()] == [
+        "/q/resnet20/online_b1_s0", "/q/resnet20/online_b2_s0", "/q/resnet20/online_b64_s0",
+        "/q/vgg11/online_b1_s0", "/q/resnet20/online_b1_s1", "/q/vgg11/online_b1_s1"]
 
 
 def test_the_long_study_queues_its_cells_in_the_issues_order_on_the_long_schedule():
@@ -397,7 +423,8 @@ def test_the_long_study_queues_its_cells_in_the_issues_order_on_the_long_schedul
         "bn_b1_s0", "bn_b2_s0", "bn_b64_s0", "bcn_ws_b1_s0", "gn_b1_s0", "mabn_b1_s0",
         "evonorm_s0_b1_s0", "frn_b1_s0", "brn_b1_s0"}
     assert order[-3:] == ["vgg11/bn_b64_s0", "vgg11/bn_b1_s0", "vgg11/bcn_ws_b1_s0"]
-    assert len(order) == 34
+    assert order[-5:-3] == ["resnet20/online_b1_s0", "resnet20/online_b64_s0"]
+    assert len(order) == 36
     for folder, cfg in cells.items():
         epochs = 40 if folder.endswith("_e40") else 20
         assert (cfg.trainer.epochs, cfg.data.train_subset, cfg.name) == (epochs, 0,

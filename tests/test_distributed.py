@@ -82,7 +82,7 @@ def test_self_launch_and_torchrun_run_the_same_ddp_job(uninterrupted):
 
 # Per-device norms with state, their schedules inside this 32-step run.
 STATEFUL = ["brn norm.schedule_unit=run norm.renorm_from=0.25 norm.r_max_at=0.75 "
-            "norm.d_max_at=0.5", "evonorm_b0", "mabn norm.warmup=4 norm.renorm_from=8"]
+            "norm.d_max_at=0.5", "evonorm_b0", "mabn norm.warmup=4 norm.renorm_from=8", "online"]
 
 
 @pytest.mark.parametrize("norm", ["bn", "syncbn", "bcn_ws", "bcn_ws norm.sync_stats=false",
@@ -112,9 +112,9 @@ def test_accumulation_gives_the_same_training_losses(tmp_path, norm):
 
 
 # The norms whose state a one-process layout wiped (mabn's windows, bcn's private estimates)
-# run in the default suite; the other batch-dependent ones with `make test-slow` (2 DDP runs
-# each, about 20 s).
-WIPED_BEFORE = ("mabn", "bcn_ws norm.sync_stats=false")
+# and online (per-device streams the same way) run in the default suite; the other
+# batch-dependent ones with `make test-slow` (2 DDP runs each, about 20 s).
+WIPED_BEFORE = ("mabn", "bcn_ws norm.sync_stats=false", "online")
 
 
 @pytest.mark.parametrize("norm", [

@@ -1,7 +1,7 @@
 """Cross-process statistics with real processes (gloo on CPU): syncbn and bcn over 2 ranks
 must equal the same layer over the whole batch in one process; the per-device norms with state
-(private bcn, brn, evonorm_b0, mabn) over 2 ranks must equal one process holding every device
-as a virtual device, buffers included once the engine has synchronised them."""
+(private bcn, brn, evonorm_b0, mabn, online) over 2 ranks must equal one process holding every
+device as a virtual device, buffers included once the engine has synchronised them."""
 import os
 
 import pytest
@@ -63,13 +63,17 @@ PER_DEVICE = {"bcn_private": ("bcn", {"sync_stats": False}),
               "brn": ("brn", {"renorm_from": 0, "r_max_at": 2, "d_max_at": 2, "r_max": 1.5,
                               "d_max": 0.5}),
               "evonorm_b0": ("evonorm_b0", {}),
-              "mabn": ("mabn", {"buffer_size": 2, "warmup": 0, "renorm_from": 2, "r_max": 1.1})}
-STEPS = {"brn": 4, "mabn": 5}  # through the relaxation; past warm-up, the window and r's start
+              "mabn": ("mabn", {"buffer_size": 2, "warmup": 0, "renorm_from": 2, "r_max": 1.1}),
+              "online": ("online", {"alpha_fwd": 0.8, "alpha_bkw": 0.7, "ecm": "ac",
+                                    "clamp": 1.5})}
+# Through the relaxation; past warm-up, the window and r's start; u, v from earlier backwards.
+STEPS = {"brn": 4, "mabn": 5, "online": 3}
 
 
 @pytest.mark.parametrize("norm,virtual_devices", [
     ("syncbn", 1), ("syncbn", 2), ("bcn", 1), ("bcn", 2), ("bcn_private", 2), ("brn", 1),
-    ("brn", 2), ("evonorm_b0", 2), ("mabn", 1), ("mabn", 2)])
+    ("brn", 2), ("evonorm_b0", 2), ("mabn", 1), ("mabn", 2),
+    ("online", 1), ("online", 2)])
 def test_cross_process_statistics_equal_whole_batch(tmp_path, norm, virtual_devices):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     mp.spawn(_run, args=(str(tmp_path / "init"), norm, virtual_devices), nprocs=WORLD)
