@@ -18,7 +18,7 @@ train: $(STAMP)  ## make train ARGS="norm=bcn_ws batch_size_per_device=1"
 	$(BIN)/python train.py $(ARGS)
 
 test: $(STAMP)  ## the default suite (real-data tests run when ../shared/data is present)
-	$(BIN)/python -m pytest -m "not slow" $(ARGS)
+	$(BIN)/python -m pytest -m "not slow" --durations=15 $(ARGS)
 
 test-slow: $(STAMP)  ## long tests: real training runs
 	$(BIN)/python -m pytest -m slow $(ARGS) || [ $$? -eq 5 ]  # 5: none marked slow

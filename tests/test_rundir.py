@@ -261,8 +261,9 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-@pytest.mark.parametrize("size,kept", [("512k", "no checkpoint was kept"),
-                                       ("1m", "the checkpoint of epoch 1 is kept")])
+@pytest.mark.parametrize("size,kept", [
+    pytest.param("512k", "no checkpoint was kept", marks=pytest.mark.slow),
+    ("1m", "the checkpoint of epoch 1 is kept")])
 def test_a_full_disk_is_one_line_saying_what_is_kept_and_the_run_resumes(small_disk, tmp_path,
                                                                           size, kept):
     """A ResNet-8 checkpoint is about 600 kB, written beside the old one before the rename:
