@@ -68,6 +68,8 @@ def convergence_table(rows: list[dict], min_schedules: int = 1) -> str:
             for lab, by_b in per_epochs[e][0].items():
                 for b in by_b:
                     cells.setdefault((lab, b), None)
+        if len(eps) < min_schedules:
+            continue  # a model no cell of which ran on enough schedules: no empty table
         header = " | ".join(f"{e} ep | gap | rank" for e in eps)
         lines = [f"## {model_name(model, depth)}: final test error (%) by schedule", "",
                  "gap = error minus BN's at b = 64 on the same schedule; rank among the "
@@ -89,7 +91,7 @@ def convergence_table(rows: list[dict], min_schedules: int = 1) -> str:
             change = f"{moved[-1] - moved[0]:+.2f}" if len(moved) >= 2 else MISSING
             lines.append(f"| {lab} | {b} | " + " | ".join(cols) + f" | {change} |")
         parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+    return "\n\n".join(parts) + "\n" if parts else f"No cell ran on {min_schedules} schedules.\n"
 
 
 def plot_curves(rows: list[dict], path: Path) -> int:

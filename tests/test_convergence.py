@@ -74,6 +74,14 @@ def test_the_table_gives_each_cell_on_each_schedule_with_its_gap_rank_and_change
     assert convergence.main([str(study), "--out", str(out)]) == 0
     assert rows_of((out / "convergence.md").read_text())[("ln", "1")][:3] == [
         "60.00 (n=1)", "+27.00", "3"]
+    # a model whose cells ran on one schedule only gets no (empty) table with N = 2
+    vgg = make_summary("vgg", 11, "bn", False, True, 64, 0, "completed", 30.0, 4)
+    (study / "e4" / "vgg_bn_b64_s0").mkdir()
+    (study / "e4" / "vgg_bn_b64_s0" / "summary.json").write_text(json.dumps(vgg))
+    assert convergence.main([str(study), "--out", str(out), "--min-schedules", "2"]) == 0
+    assert "VGG-11" not in (out / "convergence.md").read_text()
+    assert convergence.main([str(study), "--out", str(out)]) == 0
+    assert "## VGG-11" in (out / "convergence.md").read_text()
 
 
 def test_curves_come_from_each_runs_metrics_and_select_keeps_matching_cells(study, tmp_path,
