@@ -100,7 +100,8 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         self.register_buffer("window_nu", torch.zeros(1, past, num_channels))
         self.register_buffer("window_dmu", torch.zeros(1, past, *shape))
         self.register_buffer("window_dnu", torch.zeros(1, past, *shape))
-        self.register_buffer("window_theta", torch.zeros(past, *shape))
+        # flat [k-1, fan-in x C]: a 5-d buffer would break model.to(memory_format=channels_last)
+        self.register_buffer("window_theta", torch.zeros(past, shape.numel()))
         self.register_buffer("window_step", torch.zeros(past, dtype=torch.long))  # 0: empty
         self.register_buffer("running_mean", torch.zeros(num_channels))
         self.register_buffer("running_var", torch.ones(num_channels))
@@ -144,7 +145,8 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
                 used = ((self.window_step > 0) & (self.window_step >= t - past)).to(xs.dtype)
                 used = used.view(1, -1, 1)                                   # [1, k-1, 1]
                 # theta_t - theta_{t-tau} per filter: [1, k-1, C, fan-in]
-                delta = (self.conv.weight.detach().to(xs.dtype) - self.window_theta).flatten(2)
+                weight = self.conv.weight.detach().to(xs.dtype)
+                delta = (weight.flatten() - self.window_theta).view(past, len(weight), -1)
                 rows = step.rows
                 mu_old = self.window_mu[rows] + torch.linalg.vecdot(         # [K, k-1, C]
                     self.window_dmu[rows].flatten(3), delta.unsqueeze(0))
@@ -188,5 +190,5 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         self.window_dmu[rows, slot] = g_mu
         self.window_dnu[rows, slot] = g_nu
         if step.last:  # shared by every device of the step: written once they have all read it
-            self.window_theta[slot] = self.conv.weight.detach()
+            self.window_theta[slot] = self.conv.weight.detach().flatten()
             self.window_step[slot] = t

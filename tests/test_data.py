@@ -662,7 +662,7 @@ def test_an_oversized_image_is_refused_from_its_header_without_decoding(
 
 @pytest.mark.parametrize("kind,reason", [
     ("jpg", "Image is incomplete or truncated"),
-    ("png", "Out of bound read in decode_png. Probably, the input image is corrupted"),
+    ("png", "image file is truncated"),  # Pillow decodes PNGs (libpng can crash)
 ])
 def test_a_decode_error_keeps_its_reason(image_folder, tmp_path, kind, reason):
     root = image_folder[0]

@@ -252,7 +252,7 @@ def test_typed_schema_rejects_at_composition(override):
 @pytest.mark.parametrize("overrides,match", [
     (["diagnose.norms=[bn,batchnorm]"], r"diagnose.norms\[1\]='batchnorm' is invalid; allowed: "
                                         r"bn, syncbn, gn, ln, in, bcn, brn, frn, evonorm_b0, "
-                                        r"evonorm_s0, mabn, none"),
+                                        r"evonorm_s0, mabn, cbn, online, none"),
     (["diagnose.norms=[]"], r"diagnose.norms=\[\] is invalid"),
     (["diagnose.norms=[gn,gn]"], r"diagnose.norms\[1\]='gn' is invalid; allowed: each norm once"),
     (["diagnose.seeds=0"], r"diagnose.seeds=0 is invalid; allowed: an integer >= 1"),
@@ -311,7 +311,8 @@ def test_app_bad_input_is_one_line_and_exit_2(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         "error: diagnose.norms[1]='batchnorm' is invalid; allowed: bn, syncbn, gn, ln, in, "
-        "bcn, brn, frn, evonorm_b0, evonorm_s0, mabn, none, nf (each but nf also <norm>_ws)"]
+        "bcn, brn, frn, evonorm_b0, evonorm_s0, mabn, cbn, online, none, nf (each but nf also "
+        "<norm>_ws)"]
     assert "Traceback" not in res.stdout + res.stderr
     assert not (tmp_path / "run" / "diagnostics.csv").exists()
     res = _run_app("data=synthetic", "diagnose.seed=3", cwd=tmp_path)  # a misspelled key
