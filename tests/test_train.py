@@ -524,11 +524,12 @@ def test_batch_dependent_covers_every_device_aware_norm():
 
 # The stateful norms (per-device windows, streams, estimates) in the default suite; the rest,
 # whose state is only running statistics, with `make test-slow`.
-STATEFUL = ("mabn", "bcn_ws norm.sync_stats=false", "online", "cbn")
+PROBED_BY_DEFAULT = ("mabn", "bcn_ws norm.sync_stats=false", "online", "cbn")
 
 
 @pytest.mark.parametrize("norm", [
-    n if n in STATEFUL else pytest.param(n, marks=pytest.mark.slow) for n in BATCH_DEPENDENT])
+    n if n in PROBED_BY_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+    for n in BATCH_DEPENDENT])
 def test_probes_with_accumulation_leave_every_batch_dependent_norm_unchanged(tmp_path, norm):
     """A probe measures a copy laid out for one process: re-laying out the trained model
     (accumulate 2 -> 1) re-created mabn's windows and running variance, which the checkpoint
