@@ -17,7 +17,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -69,6 +69,10 @@ class NormConfig:
     alpha_bkw: Optional[float] = None  # online: decay of the backward's control processes
     ecm: Optional[str] = None        # online: error compensation, ls | ac | none
     clamp: Optional[float] = None    # online: the clamp of ecm=ac (5)
+    # norm=custom, a layer of your own (README: Python API): its import path, pkg.module.Name
+    # or path/to/file.py:Name, called as target(num_channels, **options)
+    target: Optional[str] = None
+    options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -141,10 +145,26 @@ class Config:
     skip_invalid_jobs: bool = False  # sweeps: run the valid jobs, list the invalid at the end
 
 
+CUSTOM = "custom"  # norm.name of a user's layer (norm.target)
+# The built-in norms' keys, which norm=custom leaves at their defaults (its options are its own).
+BUILT_IN_NORM_KEYS = {f.name: f.default for f in dataclasses.fields(NormConfig)
+                      if f.name not in ("name", "ws", "target", "options")}
+
+
+def norm_dirname(name: str, target: str | None) -> str:
+    """${norm_dirname:${norm.name},${norm.target}}: the norm in a run folder's name; a user's
+    layer by its class name (custom-MeanOnlyBatchNorm), the digest telling targets apart."""
+    if name != CUSTOM or not target:
+        return name
+    tail = re.split(r"[.:/]", str(target).rstrip(".:/"))[-1]
+    return f"{CUSTOM}-{re.sub(r'[^A-Za-z0-9_-]', '_', tail)[:64]}"
+
+
 def register() -> None:
     """Register the schema (named in configs/config.yaml's defaults) and the resolvers."""
     ConfigStore.instance().store(name="schema", node=Config)
     for name, resolver in (("ws_suffix", lambda ws: "_ws" if ws else ""),
+                           ("norm_dirname", norm_dirname),
                            ("devices_for", devices_for), ("run_digest", run_digest),
                            ("job_dirname", job_dirname)):
         if not OmegaConf.has_resolver(name):
@@ -163,8 +183,14 @@ NON_IDENTITY = ("logger", "trainer.progress", "trainer.num_threads", "trainer.ke
                 "trainer.cuda_graphs", "skip_invalid_jobs")
 
 
+# Keys added after runs were recorded, left out of the identity at their default (which keeps
+# the old behaviour), so that the run folders of earlier runs keep their digests.
+ABSENT_AT_DEFAULT = {"norm.target": None}
+
+
 def identity(cfg) -> dict:
-    """The run's identity: every config key that changes its mathematics, flattened."""
+    """The run's identity: every config key that changes its mathematics, flattened (a
+    user's layer: its target and each of its options, norm.options.<key>)."""
     container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
     flat = {}
 
@@ -175,7 +201,7 @@ def identity(cfg) -> dict:
                 continue
             if isinstance(v, dict):
                 walk(v, key + ".")
-            else:
+            elif not (key in ABSENT_AT_DEFAULT and v == ABSENT_AT_DEFAULT[key]):
                 flat[key] = v
     walk(container, "")
     return flat
@@ -250,6 +276,8 @@ def norm_options(cfg, total_steps: int | None = None) -> dict[str, Any]:
     steps: as given, or with norm.schedule_unit=run as fractions of `total_steps` (the run's
     optimizer steps; None while validating, before the data fixes it)."""
     n = cfg.norm
+    if n.name == CUSTOM:  # its options are bound into its spec (model_norm)
+        return {}
     opts = {"eps": n.eps, "momentum": n.momentum, "sync_stats": n.sync_stats,
             "learned_eps": n.learned_eps}
     if n.channels_per_group is not None:
@@ -282,9 +310,38 @@ def norm_options(cfg, total_steps: int | None = None) -> dict[str, Any]:
     return opts
 
 
+def custom_options(cfg) -> dict:
+    """norm=custom: the layer's own options, as plain Python values."""
+    return OmegaConf.to_container(cfg.norm.options, resolve=True) if cfg.norm.options else {}
+
+
+def model_norm(cfg, total_steps: int | None = None):
+    """(norm, options) for models.build_model: a built-in norm's name and its options
+    (norm_options), or a user's layer (norm=custom) as its spec, its options bound. The one
+    place a target is imported: from this command's config, never from a run record."""
+    if cfg.norm.name != CUSTOM:
+        return cfg.norm.name, norm_options(cfg, total_steps)
+    from norms import custom_spec, load_target
+    target = cfg.norm.target
+    try:
+        layer = load_target(target)
+    except ValueError as e:
+        raise ConfigError(f"norm.target={e}") from None
+    try:
+        return custom_spec(layer, label=f"norm.target={target!r}", **custom_options(cfg)), {}
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def norm_label(cfg) -> str:
-    """The norm as reports name it: bn, gn_ws, nf_agc (adaptive gradient clipping on)."""
-    return (cfg.norm.name + ("_ws" if cfg.norm.ws else "")
+    """The norm as reports name it: bn, gn_ws, nf_agc (adaptive gradient clipping on); a user's
+    layer by its target and options, my_pkg.MyNorm(momentum=0.05)_ws."""
+    name = cfg.norm.name
+    if name == CUSTOM:
+        options = custom_options(cfg)
+        name = str(cfg.norm.target) + (
+            f"({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})" if options else "")
+    return (name + ("_ws" if cfg.norm.ws else "")
             + ("_agc" if cfg.optim.get("agc") is not None else ""))
 
 
@@ -385,25 +442,44 @@ def validate(cfg: DictConfig) -> None:
                     "batch; use trainer.virtual_devices for the same maths as real devices",
                     t.accumulate, cfg.norm.name)
 
+    validate_custom(cfg)
     if cfg.logger.mode == "online":
         from .tracking import has_credentials
         if not has_credentials():
             raise ConfigError("logger.mode='online' but no wandb credentials (WANDB_API_KEY or "
                               "~/.netrc); run `wandb login`, or use auto, offline, disabled")
 
+    norm, options = model_norm(cfg)
     try:
         check_depth(cfg.model.arch, cfg.model.depth)
-        model = build_model(cfg.model.arch, cfg.model.depth, norm=cfg.norm.name,
-                            ws=cfg.norm.ws, zero_init_residual=cfg.model.zero_init_residual,
-                            **norm_options(cfg))
-    except ValueError as e:
-        raise ConfigError(config_keys(str(e))) from None
+        model = build_model(cfg.model.arch, cfg.model.depth, norm=norm, ws=cfg.norm.ws,
+                            zero_init_residual=cfg.model.zero_init_residual, **options)
+    except ValueError as e:  # a user's layer speaks of its own options, not norm.<key>
+        raise ConfigError(str(e) if cfg.norm.name == CUSTOM else config_keys(str(e))) from None
     configure_devices(model, t.virtual_devices, accumulate=t.accumulate)
     try:
         check_statistics(model, (cfg.batch_size_per_device, 3, 32, 32))
     except ValueError as e:
         raise ConfigError(f"norm.name={cfg.norm.name!r} at batch_size_per_device="
                           f"{cfg.batch_size_per_device}: {e}") from None
+
+
+def validate_custom(cfg) -> None:
+    """norm.target and norm.options belong to norm=custom, which needs a target and leaves the
+    built-in norms' keys alone (an eps it would ignore is a mistake, not a setting)."""
+    n = cfg.norm
+    if n.name != CUSTOM:
+        for key, value in (("target", n.target), ("options", custom_options(cfg))):
+            _require(not value, f"norm.{key}", value, f"unset with norm.name={n.name!r}: "
+                     f"norm.{key} is for norm=custom, a layer of your own")
+        return
+    _require(isinstance(n.target, str) and n.target.strip() != "", "norm.target", n.target,
+             "the import path of your layer with norm=custom: pkg.module.Name or "
+             "path/to/file.py:Name")
+    for key, default in BUILT_IN_NORM_KEYS.items():
+        _require(n[key] == default, f"norm.{key}", n[key],
+                 f"its default ({default!r}) with norm=custom: the built-in norms' key; give "
+                 f"your layer's own options as norm.options (e.g. '+norm.options.{key}=...')")
 
 
 def check_data_root(cfg: DictConfig) -> None:

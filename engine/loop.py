@@ -36,7 +36,7 @@ from models import build_model
 from norms import DeviceAware, configure_devices, one_process_copy
 
 from . import checkpoint
-from .config import (PRECISIONS, ConfigError, global_batch, identity, norm_label,
+from .config import (PRECISIONS, ConfigError, global_batch, identity, model_norm, norm_label,
                      norm_options)
 from .agc import adaptive_clip_grad_, clipped_parameters
 from .data import GlobalBatches, eval_batches, load_dataset, shard_bounds
@@ -546,10 +546,10 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
     steps = len(batches)
 
     seed_everything(cfg.seed)
-    model = build_model(cfg.model.arch, cfg.model.depth, norm=cfg.norm.name, ws=cfg.norm.ws,
+    norm, options = model_norm(cfg, total_steps=t.epochs * steps)
+    model = build_model(cfg.model.arch, cfg.model.depth, norm=norm, ws=cfg.norm.ws,
                         num_classes=len(data.classes),
-                        zero_init_residual=cfg.model.zero_init_residual,
-                        **norm_options(cfg, total_steps=t.epochs * steps))
+                        zero_init_residual=cfg.model.zero_init_residual, **options)
     warn_unreached_schedule(cfg, t.epochs * steps)
     model.to(proc.device, memory_format=torch.channels_last if t.channels_last
              else torch.preserve_format)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from norms import NormSpec
+
 from .common import first_failing_norm, he_init, make_layers
 from .resnet import IMAGENET_CFG, ResNet, is_valid_depth
 from .vgg import DEPTHS as VGG_DEPTHS
@@ -27,11 +29,12 @@ def check_depth(arch: str, depth) -> None:
         raise ValueError(f"model.depth={depth!r} is not a valid {arch} depth; allowed: {allowed}")
 
 
-def build_model(arch: str, depth: int, norm: str = "bn", ws: bool = False,
+def build_model(arch: str, depth: int, norm: str | NormSpec = "bn", ws: bool = False,
                 num_classes: int = 10, zero_init_residual: bool = False,
                 **norm_options) -> nn.Module:
     """A CIFAR network whose every norm comes from `build_norm(norm, C, **norm_options)` and
-    every conv is a `WSConv2d` when `ws`. He init; `zero_init_residual` zeroes the scale of
+    every conv is a `WSConv2d` when `ws`; `norm` a built-in name or a user's layer
+    (`norms.custom_spec(MyNorm, **options)`). He init; `zero_init_residual` zeroes the scale of
     the last norm in each residual branch so every block starts as the identity."""
     check_depth(arch, depth)
     conv, norm_layers = make_layers(norm, ws, norm_options)

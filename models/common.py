@@ -6,7 +6,7 @@ from typing import Callable
 
 from torch import nn
 
-from norms import NORMS, build_norm, build_norm_act, conv_factory, nf_alpha
+from norms import NormSpec, build_norm, build_norm_act, conv_factory, nf_alpha, spec_of
 
 
 @dataclass(frozen=True)
@@ -18,7 +18,7 @@ class NormLayers:
         norm_layers.act(C)      "norm then ReLU" as the pair (norm, activation): a plain norm
                                 and ReLU, or a fused layer (FRN+TLU, EvoNorm) and a marker
     """
-    name: str
+    name: str | NormSpec  # a built-in norm's name, or a user's layer (norms.custom_spec)
     options: dict = field(default_factory=dict)
     link: object = None  # norms.ConvLink where the norm takes the conv before it (cbn)
 
@@ -40,11 +40,11 @@ class NormLayers:
         return nf_alpha(self.name, **self.options)
 
 
-def make_layers(norm: str, ws: bool, norm_options: dict) -> tuple[type[nn.Conv2d], NormLayers]:
+def make_layers(norm: str | NormSpec, ws: bool,
+                norm_options: dict) -> tuple[type[nn.Conv2d], NormLayers]:
     """The conv class (or factory) and the norm slots a builder asks for layers; a norm that
     takes the conv before it (cbn) gets each conv the builder made just before it."""
-    if norm not in NORMS:
-        raise ValueError(f"norm={norm!r} is unknown; allowed: {', '.join(NORMS)}")
+    spec_of(norm)  # an unknown name: refused here, naming the allowed ones
     nf_alpha(norm, **norm_options)  # a whole-network option: refused here, not at a layer
     conv, link = conv_factory(norm, ws)
     return conv, NormLayers(norm, dict(norm_options), link)

@@ -58,6 +58,7 @@ class NormSpec:
     conv: type[nn.Conv2d] = nn.Conv2d  # the convolution before it (mabn: centred filters)
     normalizer_free: bool = False  # nf: models build NF residual blocks (alpha, beta, skip gain)
     takes_conv: bool = False       # built with conv=, the convolution before it (cbn)
+    label: str = ""                # a user's layer (norms/custom.py): its name in messages
 
 
 def _bn(sync: bool) -> Callable[..., nn.Module]:
@@ -144,12 +145,13 @@ def resolve_groups(norm: str, num_channels: int, groups: int | None = None,
     return groups
 
 
-def build_norm(name: str, num_channels: int, conv: nn.Conv2d | None = None,
+def build_norm(name: str | NormSpec, num_channels: int, conv: nn.Conv2d | None = None,
                **options) -> nn.Module:
     """A normalization layer for `num_channels` channels.
 
     name: bn, syncbn, gn, ln, in, bcn, brn, frn, evonorm_b0, evonorm_s0, mabn, cbn, online, none
-    or nf.
+    or nf; or a user's layer, `norms.custom_spec(MyNorm, **its_options)` (which carries its own
+    options: those below are not passed to it).
     conv: the convolution before the norm; used by cbn (required there), ignored by the others.
     options (each used by the norms named; defaults in NORM_SPECS):
       groups | channels_per_group  gn, bcn, evonorm_s0 (default 32 groups)
@@ -176,14 +178,15 @@ def build_norm(name: str, num_channels: int, conv: nn.Conv2d | None = None,
       window, burnin               cbn (8, 0): k, the iterations whose statistics are used;
                                    the first burnin optimizer steps are plain BN
     """
-    if name not in NORM_SPECS:
-        raise ValueError(f"norm={name!r} is unknown; allowed: {', '.join(NORMS)}")
+    name, spec = spec_of(name)
+    if spec.label and set(options) - {"act"}:  # a user's layer: custom_spec bound its options
+        raise ValueError(f"{name}: options {sorted(set(options) - {'act'})} go to custom_spec, "
+                         "which binds the layer's own options")
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"{name}: unknown option(s) {', '.join(unknown)}; "
                          f"allowed: {', '.join(OPTIONS)}")
     _check_positive_int(name, "num_channels", num_channels)
-    spec = NORM_SPECS[name]
     kwargs = {}
     for key, default in spec.defaults.items():
         value = options.get(key, default)
@@ -210,23 +213,24 @@ def build_norm(name: str, num_channels: int, conv: nn.Conv2d | None = None,
     return spec.build(num_channels, **kwargs)
 
 
-def build_norm_act(name: str, num_channels: int, inplace: bool = False,
+def build_norm_act(name: str | NormSpec, num_channels: int, inplace: bool = False,
                    **options) -> tuple[nn.Module, nn.Module]:
     """"norm then ReLU" as the pair (norm, activation): (norm, nn.ReLU) for a plain norm,
     (fused layer, FusedActivation) for one that replaces the pair (frn, evonorm_*)."""
-    if name in NORM_SPECS and NORM_SPECS[name].fused_act:
+    if spec_of(name)[1].fused_act:
         return build_norm(name, num_channels, **{**options, "act": True}), FusedActivation()
     return build_norm(name, num_channels, **options), nn.ReLU(inplace=inplace)
 
 
-def conv_for(name: str, ws: bool) -> type[nn.Conv2d]:
+def conv_for(name: str | NormSpec, ws: bool) -> type[nn.Conv2d]:
     """The convolution class before a norm: WS, or the norm's own (mabn: centred filters; nf:
     Scaled WS, which refuses WS on top)."""
     from .ws import WSConv2d
-    if ws and NORM_SPECS[name].conv is ScaledWSConv2d:
+    name, spec = spec_of(name)
+    if ws and spec.conv is ScaledWSConv2d:
         raise ValueError(f"norm.ws=true is invalid with norm={name!r}: its convolutions are "
                          "Scaled WS already (a second standardisation); allowed: norm.ws=false")
-    return WSConv2d if ws else NORM_SPECS[name].conv
+    return WSConv2d if ws else spec.conv
 
 
 class ConvLink:
@@ -245,20 +249,21 @@ class ConvLink:
         return conv
 
 
-def conv_factory(name: str, ws: bool) -> tuple[Callable[..., nn.Conv2d], ConvLink | None]:
+def conv_factory(name: str | NormSpec,
+                 ws: bool) -> tuple[Callable[..., nn.Conv2d], ConvLink | None]:
     """The conv a model builds before norm `name` (conv_for), and the link that hands each one
     to the norm after it where the norm takes its conv (cbn); None for the others."""
     conv = conv_for(name, ws)
-    if not NORM_SPECS[name].takes_conv:
+    if not spec_of(name)[1].takes_conv:
         return conv, None
     link = ConvLink(conv)
     return link, link
 
 
-def nf_alpha(name: str, **options) -> float | None:
+def nf_alpha(name: str | NormSpec, **options) -> float | None:
     """The NF residual block's alpha for a normalizer-free norm (nf), checked; None for the
     others (their models keep their own blocks)."""
-    spec = NORM_SPECS[name]
+    name, spec = spec_of(name)
     if not spec.normalizer_free:
         return None
     alpha = options.get("alpha", spec.defaults["alpha"])
@@ -266,6 +271,15 @@ def nf_alpha(name: str, **options) -> float | None:
     if not ok(alpha):
         raise ValueError(f"{name}: alpha={alpha!r} is invalid; allowed: {allowed}")
     return alpha
+
+
+def spec_of(norm: str | NormSpec) -> tuple[str, NormSpec]:
+    """(name, spec) of a built-in norm's name, or of a user's layer's spec (custom_spec)."""
+    if isinstance(norm, NormSpec):
+        return norm.label, norm
+    if norm not in NORM_SPECS:
+        raise ValueError(f"norm={norm!r} is unknown; allowed: {', '.join(NORMS)}")
+    return norm, NORM_SPECS[norm]
 
 
 def _check_positive_int(norm: str, key: str, value) -> None:

@@ -2,6 +2,7 @@
 
     python scripts/bench.py [--out DIR] [--threads N] [--device cpu|cuda] [--repeats 7]
                             [--only norm,ws,nf,agc,step,loader,virtual]
+    python scripts/bench.py --only norm --target my_pkg.MyNorm [--options '{"eps": 1e-3}']
 
 Prints a table and, with --out, writes DIR/bench.json and DIR/table.md. The figures:
 
@@ -12,6 +13,9 @@ Prints a table and, with --out, writes DIR/bench.json and DIR/table.md. The figu
                          (F.batch_norm: brn, evonorm_b0, mabn, online; F.group_norm: frn,
                          evonorm_s0)
                       (goal <= 2.0 brn, frn, evonorm_s0; <= 3.0 evonorm_b0, mabn, online)
+                         --target: your layer (norm=custom's target and options) instead,
+                         against F.batch_norm if it is batch-dependent, else F.group_norm
+                         (custom-<Name>, goal <= 1.5)
   ws_conv_vs_conv        WSConv2d / nn.Conv2d, fwd+bwd; the worse of the two shapes (goal <= 1.15)
   scaled_ws_conv_vs_conv nf's ScaledWSConv2d (gain, gamma) / nn.Conv2d, the same     (goal <= 1.2)
   agc_vs_clip_grad_norm  adaptive_clip_grad_ over NF ResNet-20's clipped parameters / torch's
@@ -65,7 +69,9 @@ from engine.data import CIFAR10_MEAN, CIFAR10_STD, GlobalBatches, load_dataset  
 from engine.loop import (Process, Step, WarmupCosine, keep_freed_memory, train_epoch,  # noqa: E402
                          train_step)
 from models import build_model  # noqa: E402
-from norms import RELU_GAMMA, ScaledWSConv2d, WSConv2d, build_norm, configure_devices  # noqa: E402
+from engine.config import CUSTOM, norm_dirname  # noqa: E402
+from norms import (RELU_GAMMA, DeviceAware, NormSpec, ScaledWSConv2d, WSConv2d,  # noqa: E402
+                   build_norm, configure_devices, custom_spec, load_target)
 
 NORMS = ("bn", "gn", "ln", "in", "bcn", "brn", "frn", "evonorm_b0", "evonorm_s0", "mabn",
          "online")
@@ -141,12 +147,20 @@ def fwd_bwd(fn: Callable, shape, device="cpu", seed: int = 0) -> Callable[[], No
 
 def norm_vs_native(shapes=SHAPES, norms=NORMS, repeats: int = 7, target_s: float = 0.1,
                    device="cpu"):
+    """norms: built-in names, or a user's layer (a NormSpec from custom_spec, its label the
+    figure's case) against F.batch_norm if batch-dependent (DeviceAware), else F.group_norm."""
     figure, details = {}, {}
-    for name in norms:
+    for norm in norms:
+        name = norm.label if isinstance(norm, NormSpec) else norm
         figure[name], details[name] = {}, {}
         for shape in shapes:
-            layer = build_norm(name, shape[1], groups=GROUPS).to(device)
-            native = native_norm(name, shape[1], device)
+            if isinstance(norm, NormSpec):
+                layer = build_norm(norm, shape[1]).to(device)
+                native = native_norm("bn" if isinstance(layer, DeviceAware) else "gn", shape[1],
+                                     device)
+            else:
+                layer = build_norm(name, shape[1], groups=GROUPS).to(device)
+                native = native_norm(name, shape[1], device)
             res = paired(fwd_bwd(layer, shape, device), fwd_bwd(native, shape, device), repeats,
                          target_s, device=device)
             figure[name][shape_key(shape)] = res["ratio"]
@@ -349,10 +363,11 @@ def virtual_vs_accumulate(devices: int = 16, batch: int = 2, norm: str = "bn",
 def run_suite(only=("norm", "ws", "nf", "agc", "step", "loader", "virtual"), repeats: int = 7,
               quick: bool = False, devices: int = 16, norm: str = "bn",
               allocator: str = "system default", device: str = "cpu",
-              quiet: bool = False) -> dict:
+              quiet: bool = False, custom: NormSpec | None = None) -> dict:
     """Every figure, its details (each side's seconds per call) and whether its goal is met.
     `quick` shrinks sizes and rounds to check the machinery (tests), not to measure. Unless
-    `quiet`, a progress bar and each figure's rows go to stderr as the figures complete."""
+    `quiet`, a progress bar and each figure's rows go to stderr as the figures complete.
+    `custom`: norm_vs_native measures this user's layer instead of the built-in norms."""
     timing = {"repeats": 2, "target_s": 0.002} if quick else {"repeats": repeats}
     timing["device"] = device
     shapes = ((8, 16, 4, 4), (2, 16, 4, 4)) if quick else SHAPES
@@ -360,7 +375,8 @@ def run_suite(only=("norm", "ws", "nf", "agc", "step", "loader", "virtual"), rep
     figures, details = {}, {}
     started = time.perf_counter()
     plan = {
-        "norm": ("norm_vs_native", lambda: norm_vs_native(shapes, **timing)),
+        "norm": ("norm_vs_native", lambda: norm_vs_native(
+            shapes, (custom,) if custom is not None else NORMS, **timing)),
         "ws": ("ws_conv_vs_conv", lambda: ws_conv_vs_conv(shapes, **timing)),
         "nf": ("scaled_ws_conv_vs_conv", lambda: ws_conv_vs_conv(
             shapes, conv_cls=ScaledWSConv2d, gamma=RELU_GAMMA, **timing)),
@@ -450,19 +466,33 @@ def main(argv=None) -> dict:
                    help="comma-separated subset of: norm, ws, nf, agc, step, loader, virtual")
     p.add_argument("--devices", type=int, default=16, help="virtual_vs_accumulate: K")
     p.add_argument("--norm", default="bn", help="virtual_vs_accumulate: the norm")
+    p.add_argument("--target", help="norm_vs_native: your layer (pkg.module.Name or "
+                   "path/to/file.py:Name, as norm.target) instead of the built-in norms")
+    p.add_argument("--options", default="{}", help="--target's options, a JSON object "
+                   "(as norm.options)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks, not measurements")
     p.add_argument("--system-malloc", action="store_true",
                    help="leave glibc's allocator at its defaults (see above)")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
+    custom = None
+    if a.target is not None:
+        try:
+            options = json.loads(a.options)
+            if not isinstance(options, dict):
+                raise ValueError(f"--options={a.options}: a JSON object, e.g. '{{\"eps\": 1e-3}}'")
+            custom = custom_spec(load_target(a.target), label=norm_dirname(CUSTOM, a.target),
+                                 **options)
+        except ValueError as e:  # json's errors are ValueErrors too
+            p.error(f"--target {a.target}: {e}")
     if a.threads:
         torch.set_num_threads(a.threads)
     allocator = "system default"
     if not a.system_malloc and keep_freed_memory():
         allocator = "glibc, mmap threshold 32 MiB, trim threshold 1 GiB"
     result = run_suite(tuple(a.only.split(",")), a.repeats, a.quick, a.devices, a.norm,
-                       allocator, a.device)
+                       allocator, a.device, custom=custom)
     text = table(result)
     s = result["setting"]
     print(text)

@@ -39,8 +39,8 @@ from hydra.core.config_store import ConfigStore  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from engine.config import (DATASETS, DEVICES, Config, ConfigError, config_keys,  # noqa: E402
-                           norm_options, register)
+from engine.config import (CUSTOM, DATASETS, DEVICES, Config, ConfigError,  # noqa: E402
+                           config_keys, model_norm, norm_options, register)
 from engine.data import DataError, load_dataset  # noqa: E402
 from engine.diagnostics import DiagnoseSettings, Measurement, measure_at_init  # noqa: E402
 from engine.records import RunRecord  # noqa: E402
@@ -71,9 +71,10 @@ ConfigStore.instance().store(name="diagnose_schema", node=DiagnoseConfig)
 
 @dataclass
 class Variant:
-    """One model to diagnose: label (csv `norm`), norm name, WS, build_norm options."""
+    """One model to diagnose: label (csv `norm`), norm name (or a user's layer's spec), WS,
+    build_norm options."""
     label: str
-    norm: str
+    norm: object
     ws: bool
     options: dict
 
@@ -91,7 +92,8 @@ def plan(cfg) -> tuple[list[Variant], list[Variant]]:
     """The norms and GN group counts to measure; ConfigError (key, value, allowed) on the first
     bad input. Builds each model once, so nothing fails after measuring has begun."""
     d = cfg.diagnose
-    allowed = ", ".join(NORMS) + " (each but nf also <norm>_ws)"
+    allowed = ", ".join(NORMS) + " (each but nf also <norm>_ws), custom (your layer: with " \
+        "norm=custom norm.target=...)"
     _require(len(d.norms) > 0, "diagnose.norms", list(d.norms), f"a non-empty list of {allowed}")
     for key in ("seeds", "batches"):
         _require(d[key] >= 1, f"diagnose.{key}", d[key], "an integer >= 1")
@@ -117,9 +119,13 @@ def plan(cfg) -> tuple[list[Variant], list[Variant]]:
     for i, label in enumerate(d.norms):
         key = f"diagnose.norms[{i}]"
         name = label[:-3] if label.endswith("_ws") else label
-        _require(name in NORMS, key, label, allowed)
+        _require(name in NORMS or (name == CUSTOM and cfg.norm.name == CUSTOM), key, label,
+                 allowed)
         ws = cfg.norm.ws or label.endswith("_ws")
-        variant = Variant(name + ("_ws" if ws else ""), name, ws, options)
+        if name == CUSTOM:  # the user's layer, by its target
+            variant = Variant(cfg.norm.target + ("_ws" if ws else ""), model_norm(cfg)[0], ws, {})
+        else:
+            variant = Variant(name + ("_ws" if ws else ""), name, ws, options)
         _require(variant.label not in seen, key, label, "each norm once")
         seen.add(variant.label)
         _check_builds(cfg, variant, key, label)
@@ -147,7 +153,8 @@ def _check_builds(cfg, variant: Variant, key: str, value) -> None:
         # a batch of 2 gives the real batch's verdicts at a fraction of the cost.
         check_statistics(model, (2, 3, 32, 32))
     except ValueError as e:
-        raise ConfigError(f"{key}={value!r}: {config_keys(str(e))}") from None
+        message = config_keys(str(e)) if isinstance(variant.norm, str) else str(e)
+        raise ConfigError(f"{key}={value!r}: {message}") from None
 
 
 # ---------------------------------------------------------------- data

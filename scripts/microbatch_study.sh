@@ -19,6 +19,13 @@
 # published micro-batch normalizers added later: SELECT='norm=(brn|frn|evonorm|mabn)', or the
 # normalizer-free cells: SELECT='norm=nf' (nf and nf_agc), or SELECT='norm=online'.
 #
+# NORM_TARGET runs the protocol's cells for a normalizer of your own instead of the built-in ones
+# (norm=custom norm.target=NORM_TARGET; README: Python API), into folders custom-<Name>:
+# short: b = 1, 2, 8, 64 on ResNet-20 and b = 1 on VGG-11, second seeds at b = 1; long: b = 1
+# and 64 on ResNet-20, beside the built-in cells already in results/. Its options are its
+# defaults (bind others in your module, e.g. MyNorm05 = functools.partial(MyNorm, eps=0.5)).
+#   NORM_TARGET=examples.my_norm.BatchInstanceNorm CIFAR10_ROOT=... scripts/microbatch_study.sh
+#
 # OUT defaults to multirun/microbatch_cpu (multirun/microbatch_long); one folder per cell. The
 # cells run from a queue, JOBS (default 2) at a time with one thread each, most important first,
 # so a partial study already answers the main questions. Re-running resumes: finished cells are
@@ -119,7 +126,20 @@ long_cells() {  # the long schedule (issue 20's list), most important first
   for b in 64 1; do echo "$V11 norm=bn batch_size_per_device=$b seed=0"; done
   echo "$V11 norm=bcn_ws batch_size_per_device=1 seed=0"
 }
-cells() { if [ "$STUDY" = long ]; then long_cells; else short_cells; fi; }
+custom_cells() {  # NORM_TARGET: a normalizer of your own, on the study's protocol
+  local n="norm=custom norm.target=$NORM_TARGET" b
+  if [ "$STUDY" = long ]; then
+    for b in 1 64; do echo "$R20 $n batch_size_per_device=$b seed=0"; done; return
+  fi
+  for b in 1 64 2 8; do echo "$R20 $n batch_size_per_device=$b seed=0"; done
+  echo "$V11 $n batch_size_per_device=1 seed=0"
+  for m in "$R20" "$V11"; do echo "$m $n batch_size_per_device=1 seed=1"; done
+}
+cells() {
+  if [ -n "${NORM_TARGET:-}" ]; then custom_cells
+  elif [ "$STUDY" = long ]; then long_cells
+  else short_cells; fi
+}
 
 # Step schedules that outlast the run (results/microbatch/README.md and
 # results/microbatch_long/README.md say why). BRN relaxes r_max = 1, d_max = 0 from step 5k,
@@ -144,9 +164,11 @@ study_overrides() {
 }
 export -f study_overrides
 
-run_cell() {  # one folder per cell: OUT/resnet20/bn_b1_s0, OUT/resnet20/bcn_ws_private_b1_s0, OUT/resnet20/bn_b64_s0_e40, ...
+run_cell() {  # one folder per cell: OUT/resnet20/bn_b1_s0, OUT/resnet20/bcn_ws_private_b1_s0,
+  # OUT/resnet20/bn_b64_s0_e40, OUT/resnet20/custom-MyNorm_b1_s0 (norm.target=pkg.MyNorm), ...
   local dir
-  dir="$OUT/$(sed -e 's/model=//; s/ model.depth=//; s/ norm=/\//; s/ norm.sync_stats=false/_private/' \
+  dir="$OUT/$(sed -e 's/ norm.target=[^ ]*[.:\/]\([^ .:\/]*\)/-\1/' \
+                  -e 's/model=//; s/ model.depth=//; s/ norm=/\//; s/ norm.sync_stats=false/_private/' \
                   -e 's/ batch_size_per_device=/_b/; s/ seed=/_s/; s/ trainer.epochs=/_e/' <<< "$*")"
   if [ -n "$COMMITTED" ] && grep -qs '"status": "completed"' "$COMMITTED/${dir#"$OUT"/}/summary.json"; then
     echo "committed ${dir#"$OUT"/} ($COMMITTED)" >&2; return

@@ -82,7 +82,8 @@ def test_self_launch_and_torchrun_run_the_same_ddp_job(uninterrupted):
 
 # Per-device norms with state, their schedules inside this 32-step run.
 STATEFUL = ["brn norm.schedule_unit=run norm.renorm_from=0.25 norm.r_max_at=0.75 "
-            "norm.d_max_at=0.5", "evonorm_b0", "mabn norm.warmup=4 norm.renorm_from=8", "online"]
+            "norm.d_max_at=0.5", "evonorm_b0", "mabn norm.warmup=4 norm.renorm_from=8", "online",
+            "custom norm.target=examples.my_norm.BatchInstanceNorm"]  # a user's layer (issue 23)
 
 
 @pytest.mark.parametrize("norm", ["bn", "syncbn", "bcn_ws", "bcn_ws norm.sync_stats=false",

@@ -208,13 +208,15 @@ def test_keeping_freed_memory_changes_no_number(tmp_path):
 
 # The norms with state beyond BN's: BCN's estimates, BRN's step count and relaxation (inside
 # this run: schedule relative to its 48 steps), EvoNorm-B0's running variance, MABN's windows,
-# Online Norm's streams (u, v written by the backward).
+# Online Norm's streams (u, v written by the backward), and the example of a user's own layer.
 STATEFUL = {"bcn_ws": ["norm=bcn_ws"],
             "brn": ["norm=brn", *BRN_IN_RUN],
             "evonorm_b0": ["norm=evonorm_b0"],
             "mabn": ["norm=mabn", "norm.simulated_batch=128", "norm.warmup=8",
                      "norm.renorm_from=40"],
-            "online": ["norm=online"]}
+            "online": ["norm=online"],
+            # a user's layer (issue 23): running statistics moved once per optimizer step
+            "custom": ["norm=custom", "norm.target=examples.my_norm.BatchInstanceNorm"]}
 
 
 @pytest.mark.parametrize("norm", list(STATEFUL))
