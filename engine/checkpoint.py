@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .rundir import write_durably
+from .rundir import NotARegularFile, open_regular, write_durably
 
 
 class CheckpointError(ValueError):
@@ -60,7 +60,14 @@ def identity_problem(saved) -> str | None:
 
 def load(path: Path) -> dict:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        f = open_regular(path)  # a FIFO or a folder at its name: one line, never a hang
+    except NotARegularFile as e:
+        raise CheckpointError(f"checkpoint {e}") from None
+    if f is None:
+        raise CheckpointError(f"checkpoint {path} does not exist; {MOVE_AWAY}")
+    try:
+        with f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # empty, truncated, corrupt, not a checkpoint, unsafe pickle
         raise CheckpointError(f"checkpoint {path} cannot be read ({first_line(e)}); "
                               f"{MOVE_AWAY}") from None
@@ -74,10 +81,22 @@ def load(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path} is not a run checkpoint of this project "
                               f"({', '.join(f'{k} is a {type(state[k]).__name__}' for k in wrong)}"
                               f"); {MOVE_AWAY}")
-    if problem := identity_problem(state["identity"]):
+    if problem := identity_problem(state["identity"]) or progress_problem(state):
         raise CheckpointError(f"checkpoint {path} cannot show that it is this run ({problem}); "
                               f"{MOVE_AWAY}")
     return state
+
+
+def progress_problem(state: dict) -> str | None:
+    """Why a checkpoint's progress is impossible (an edited or forged file), or None: its
+    epoch must be one of its run's 1..trainer.epochs, with one history entry per epoch."""
+    epoch, epochs, history = state["epoch"], state["identity"]["trainer.epochs"], state["history"]
+    if not isinstance(epochs, int) or not 1 <= epoch <= epochs:
+        return f"epoch {epoch} is not one of its run's 1..{epochs}"
+    if len(history) != epoch or any(not isinstance(m, dict) or m.get("epoch") != i + 1
+                                    for i, m in enumerate(history)):
+        return f"its history does not hold one entry for each of its {epoch} epochs"
+    return None
 
 
 def same_run(saved: dict, current: dict) -> list[str]:

@@ -23,9 +23,11 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+from omegaconf.errors import (ConfigAttributeError, ConfigKeyError,
+                              InterpolationResolutionError, ValidationError)
 
-from .config import ConfigError, check_keys, resolve, schema_keys, unknown_key
+from .config import (NAME_MAX, ConfigError, check_keys, interpolation_reason, resolve,
+                     schema_keys, unknown_key)
 
 # Hydra's own flags: with any but -m, Hydra answers itself (help, --cfg, another config, ...).
 MULTIRUN_FLAGS = ("-m", "--multirun")
@@ -101,13 +103,29 @@ def job_errors(argv: list[str], config_dir: Path, config_name: str,
 
 
 def unwritable(cfg) -> str | None:
-    """One line if the run folder (hydra.run.dir) cannot be created here, else None."""
+    """One line if the run folder (hydra.run.dir) cannot be created here, else None: an
+    interpolation that does not resolve, an empty name (the run's files would go into the
+    current folder), a name longer than a file system takes, a link that leads nowhere, a
+    parent that is not a writable folder."""
     try:
-        run_dir = Path(str(cfg.hydra.run.dir))
+        text = str(cfg.hydra.run.dir)
+    except InterpolationResolutionError as e:
+        return f"hydra.run.dir: {interpolation_reason(e)}"
     except Exception:  # noqa: BLE001 - a folder naming what only Hydra knows: Hydra decides
         return None
+    if not text.strip():
+        return (f"hydra.run.dir={text!r} is invalid; allowed: a folder (an empty name would "
+                "write the run into the current folder)")
+    run_dir = Path(text)
+    for part in run_dir.parts:
+        if len(part.encode()) > NAME_MAX:
+            return (f"hydra.run.dir: the name {part[:24]}... is {len(part.encode())} bytes; "
+                    f"allowed: at most {NAME_MAX} bytes per folder name")
     existing = run_dir.absolute()
     while not existing.exists():
+        if existing.is_symlink():  # dangling, or a loop: Hydra's makedirs would fail on it
+            return (f"hydra.run.dir={run_dir}: {existing} is a link that leads to no folder "
+                    f"(to {os.readlink(existing)}); remove it or choose another folder")
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         return (f"hydra.run.dir={run_dir}: cannot create it ({existing} is not a writable "

@@ -26,6 +26,7 @@ from omegaconf.errors import InterpolationResolutionError
 DATASETS = ("cifar10", "cifar100", "synthetic")
 DEFAULT_DATA_ROOT = "data"  # configs/data/cifar*.yaml without $CIFAR10_ROOT: where a download goes
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
+WANDB_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")  # wandb's own
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # autocast dtype (torch.*)
 MAX_TIMEOUT_S = 7 * 24 * 3600.0  # a collective that waits longer is a hung job
@@ -443,6 +444,11 @@ def validate(cfg: DictConfig) -> None:
                     t.accumulate, cfg.norm.name)
 
     validate_custom(cfg)
+    wandb_mode = os.environ.get("WANDB_MODE")
+    if cfg.logger.mode != "disabled" and wandb_mode and wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"WANDB_MODE={wandb_mode!r} (environment) is invalid; allowed: "
+                          f"{', '.join(WANDB_MODES)}, or unset (logger.mode={cfg.logger.mode!r}"
+                          " starts wandb, which reads it)")
     if cfg.logger.mode == "online":
         from .tracking import has_credentials
         if not has_credentials():
@@ -509,9 +515,12 @@ def resolve(cfg: DictConfig) -> None:
     try:
         OmegaConf.to_container(cfg, resolve=True)
     except InterpolationResolutionError as e:
-        reason = re.sub(r"^\w+ raised while resolving interpolation: ", "",
-                        str(e).splitlines()[0])
-        raise ConfigError(f"{e.full_key}: {reason}") from None
+        raise ConfigError(f"{e.full_key}: {interpolation_reason(e)}") from None
+
+
+def interpolation_reason(e: InterpolationResolutionError) -> str:
+    """The resolver's own words: `Environment variable 'X' not found`."""
+    return re.sub(r"^\w+ raised while resolving interpolation: ", "", str(e).splitlines()[0])
 
 
 def validate_fast_paths(cfg) -> None:

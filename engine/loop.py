@@ -478,14 +478,19 @@ def resume_state(record: RunRecord, ident: dict) -> dict | None:
     return state
 
 
-def restore(state: dict, path: Path, model, optimizer, scheduler, step: Step) -> None:
-    """Load a checkpoint's states; one line naming the file if they do not fit this run."""
+def restore(state: dict, path: Path, model, optimizer, scheduler, step: Step,
+            steps_per_epoch: int) -> None:
+    """Load a checkpoint's states; one line naming the file if they do not fit this run (the
+    scheduler's step count included: the lr schedule would resume elsewhere)."""
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if step.scaler is not None and "scaler" in state:
             step.scaler.load_state_dict(state["scaler"])
+        if scheduler.last_epoch != state["epoch"] * steps_per_epoch:
+            raise ValueError(f"its lr schedule is at step {scheduler.last_epoch!r}, not "
+                             f"{state['epoch'] * steps_per_epoch} (epoch {state['epoch']})")
     except (RuntimeError, KeyError, ValueError, TypeError) as e:
         raise checkpoint.CheckpointError(
             f"checkpoint {path} does not fit this run's model or optimizer "
@@ -576,7 +581,7 @@ def train(cfg: DictConfig, data, record: RunRecord, ident: dict, info: dict,
 
     history, probe_history, first_epoch, elapsed0 = [], [], 0, 0.0
     if state is not None:
-        restore(state, record.checkpoint, model, optimizer, scheduler, step)
+        restore(state, record.checkpoint, model, optimizer, scheduler, step, steps)
         history, first_epoch, elapsed0 = state["history"], state["epoch"], state["elapsed_s"]
         probe_history = state.get("probes", [])
 

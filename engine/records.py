@@ -14,7 +14,9 @@ from pathlib import Path
 import yaml
 
 from .checkpoint import CheckpointError
-from .rundir import not_followed, write_durably
+from .rundir import NotARegularFile, not_followed, open_regular, write_durably
+
+MAX_RECORD_BYTES = 64 << 20  # summary.json, metrics.jsonl: kilobytes; a larger one is not ours
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -92,12 +94,12 @@ class RunRecord:
 
     def read_summary(self) -> dict | None:
         path = self.dir / "summary.json"
-        if not path.exists():
-            return None
         try:
-            summary = json.loads(path.read_text())
-        except (ValueError, UnicodeDecodeError) as e:
-            summary = e
+            summary = _read_json(path, json.loads)
+        except NotARegularFile as e:
+            raise CheckpointError(str(e)) from None
+        if summary is None:
+            return None
         if not isinstance(summary, dict):
             raise CheckpointError(f"{path} is not a run summary (a truncated or edited file?); "
                                   "move it away to resume from the checkpoint, or set "
@@ -105,7 +107,23 @@ class RunRecord:
         return summary
 
     def read_metrics(self) -> list[dict]:
-        path = self.dir / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """Each epoch's metrics; [] if absent. NotARegularFile for a folder, FIFO, ..."""
+        lines = _read_json(self.dir / "metrics.jsonl",
+                           lambda text: [json.loads(x) for x in text.splitlines() if x.strip()])
+        if isinstance(lines, Exception):
+            raise lines
+        return lines or []
+
+
+def _read_json(path: Path, parse):
+    """parse(text of path), None if absent; an unreadable or nested-without-end text is the
+    exception itself (a summary: "not a run summary"); NotARegularFile for a folder, FIFO, ..."""
+    f = open_regular(path, MAX_RECORD_BYTES)
+    if f is None:
+        return None
+    with f:
+        data = f.read()
+    try:
+        return parse(data.decode())
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        return e

@@ -18,6 +18,7 @@ import errno
 import fcntl
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -62,13 +63,21 @@ class RunLock:
         (or replaced) between opening and locking it; RunLocked when a live process holds it."""
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK,
+                         0o644)
         except FileNotFoundError:
             return None  # the folder went between mkdir and open (a holder's clean-up)
         except OSError as e:
-            if e.errno != errno.ELOOP:
+            if e.errno == errno.ELOOP:
+                raise RunLocked(not_followed(self.path)) from None
+            if e.errno != errno.EISDIR:
                 raise
-            raise RunLocked(not_followed(self.path)) from None
+            fd = None
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            if fd is not None:
+                os.close(fd)
+            raise RunLocked(f"{self.path} is not a lock file (a folder, FIFO or device); move "
+                            "it away, or set hydra.run.dir to another folder")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -99,6 +108,38 @@ class RunLock:
         self.fd = None
         if os.environ.get(LOCK_ENV) == str(self.dir):
             del os.environ[LOCK_ENV]
+
+
+class NotARegularFile(OSError):
+    """A record file that is a folder, a FIFO, a device or a link; str() is one line."""
+
+
+def open_regular(path: Path, max_bytes: int | None = None) -> BinaryIO | None:
+    """`path` opened for reading if it is a regular file (None if absent), else
+    NotARegularFile: never blocks on a FIFO, never reads a device without end, never follows
+    a link out of the folder. `max_bytes` bounds what a record may hold."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise NotARegularFile(not_followed(path)) from None
+        if e.errno != errno.EISDIR:
+            raise
+        kind = "a folder"
+    else:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and (max_bytes is None or st.st_size <= max_bytes):
+            os.set_blocking(fd, True)
+            return os.fdopen(fd, "rb")
+        os.close(fd)
+        kind = (f"{st.st_size} bytes, more than a run record holds" if stat.S_ISREG(st.st_mode)
+                else {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFCHR:
+                      "a character device", stat.S_IFBLK: "a block device",
+                      stat.S_IFSOCK: "a socket"}.get(stat.S_IFMT(st.st_mode), "not a file"))
+    raise NotARegularFile(f"{path} is {kind}, not a run's record file; move it away, or set "
+                          "hydra.run.dir to another folder")
 
 
 def not_followed(path: Path) -> str:

@@ -153,6 +153,11 @@ def record_problem(record: dict, identity: dict) -> str | None:
         value = record.get(key)
         if value is not None and not is_a(value, kind):
             return f"{key}={value!r:.40} is {type(value).__name__}; expected {kind}"
+        if kind == NUMBER and value is not None and not math.isfinite(value):
+            return f"{key}={value!r} is not a finite number"
+    for key in ("test_acc", "best_test_acc"):  # percentages: 1e308 would overflow the stdev
+        if record.get(key) is not None and not 0 <= record[key] <= 100:
+            return f"{key}={record[key]!r:.40} is not a percentage in [0, 100]"
     overrides = record.get("overrides")
     if overrides is not None and not (isinstance(overrides, list)
                                       and all(isinstance(o, str) for o in overrides)):
@@ -169,8 +174,10 @@ def find_run_dirs(root: Path) -> list[Path]:
     """Folders at or below root holding a run record file."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
-        if any(name in filenames for name in RUN_FILES):
+        # a folder named summary.json counts too: read_summary says what it is, in one line
+        names = set(filenames) | set(dirnames)
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and d not in RUN_FILES)
+        if names & set(RUN_FILES):
             found.append(Path(dirpath))
     return found
 

@@ -375,9 +375,11 @@ def test_a_record_never_imports_and_a_checkpoint_of_another_target_is_refused(tm
 
 
 def test_a_sweep_over_targets_and_the_report_of_it(tmp_path, user_module):
-    """`-m norm.target=A,B`: one job each, one report row each, labelled by target."""
+    """`-m norm.target=A,B`: one job each, one report row each and a place in the ranking
+    (b = 2 on 2 virtual devices), labelled by target."""
     targets = f"{EXAMPLE},{user_module}:RMSNorm"
-    res = run_cli("-m", *TINY, "trainer.epochs=1", "batch_size_per_device=16", "norm=custom",
+    res = run_cli("-m", *TINY, "trainer.epochs=1", "data.train_size=64", "norm=custom",
+                  "batch_size_per_device=2", "trainer.virtual_devices=2",
                   f"norm.target={targets}", "name=mine", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     jobs = sorted(d for d in (tmp_path / "multirun" / "mine").iterdir() if d.is_dir())
@@ -387,6 +389,8 @@ def test_a_sweep_over_targets_and_the_report_of_it(tmp_path, user_module):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"| {EXAMPLE} |" in out.stdout and f"| {user_module}:RMSNorm |" in out.stdout
+    ranking = (tmp_path / "rep" / "ranking.md").read_text()
+    assert f"| {EXAMPLE} |" in ranking and f"| {user_module}:RMSNorm |" in ranking
 
 
 def test_the_microbatch_experiment_and_the_study_queue_take_a_target(tmp_path):

@@ -1,0 +1,170 @@
+"""Hostile files and environments (issue 21, item 9): each is one line and a non-zero exit,
+never a traceback or a hang. Record files that are folders, FIFOs or nested without end; forged
+checkpoints with the right structure and impossible values; run folders that cannot be made;
+an environment wandb cannot start with; summaries the report cannot average."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from engine import checkpoint
+from engine.cli import unwritable
+from engine.config import ConfigError, validate
+from engine.loop import run
+from engine.rundir import RunLocked
+
+from conftest import ROOT, TINY, make_cfg
+
+ONE = (*TINY, "trainer.epochs=1")
+
+
+@contextmanager
+def no_hang(seconds: int = 30):
+    """A FIFO read would block forever: fail the test instead of hanging the suite."""
+    def expired(*_):
+        raise AssertionError(f"still waiting after {seconds} s (a hang)")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("name,kind,error,needle", [
+    ("summary.json", "folder", checkpoint.CheckpointError, "summary.json is a folder, not a run"),
+    ("summary.json", "fifo", checkpoint.CheckpointError, "summary.json is a FIFO, not a run"),
+    ("summary.json", "deep", checkpoint.CheckpointError, "summary.json is not a run summary"),
+    ("checkpoints/last.pt", "folder", checkpoint.CheckpointError, "last.pt is a folder"),
+    ("checkpoints/last.pt", "fifo", checkpoint.CheckpointError, "last.pt is a FIFO"),
+    (".lock", "folder", RunLocked, ".lock is not a lock file"),
+    (".lock", "fifo", RunLocked, ".lock is not a lock file"),
+])
+def test_a_record_file_that_is_not_a_file_is_one_line(tmp_path, name, kind, error, needle):
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:  # valid JSON nested deeper than any parser's recursion
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    with no_hang(), pytest.raises(error) as e:
+        run(make_cfg(*ONE), tmp_path)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "metrics.jsonl").exists(), "nothing may be trained"
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A finished 2-epoch run: its checkpoint is the one the forgeries start from."""
+    d = tmp_path_factory.mktemp("finished")
+    run(make_cfg(*TINY), d)
+    return d
+
+
+@pytest.mark.parametrize("forge,needle", [
+    (lambda s: s.update(epoch=-3), "epoch -3 is not one of its run's 1..2"),
+    (lambda s: s.update(epoch=10**9), "epoch 1000000000 is not one of its run's 1..2"),
+    (lambda s: s.update(history=[]), "its history does not hold one entry"),
+    (lambda s: s["history"].__setitem__(0, "x"), "its history does not hold one entry"),
+    (lambda s: s["scheduler"].update(last_epoch=3), "its lr schedule is at step 3, not 8"),
+])
+def test_a_forged_checkpoint_with_impossible_values_is_refused(tmp_path, finished, forge,
+                                                              needle):
+    """Right structure, impossible values: resuming it would train past the end, or mark a
+    run completed that never trained (epoch=10**9), or resume the lr schedule elsewhere."""
+    state = torch.load(finished / "checkpoints" / "last.pt", weights_only=True)
+    state["epoch"] = 1  # as if killed after epoch 1 of 2
+    state["history"] = state["history"][:1]
+    state["scheduler"]["last_epoch"] = 8  # 8 steps an epoch
+    forge(state)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(state, tmp_path / "checkpoints" / "last.pt")
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        run(make_cfg(*TINY), tmp_path)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_the_unforged_copy_of_that_checkpoint_resumes(tmp_path, finished):
+    """The control: the same edit that keeps the values consistent resumes and completes."""
+    state = torch.load(finished / "checkpoints" / "last.pt", weights_only=True)
+    state["epoch"], state["history"] = 1, state["history"][:1]
+    state["scheduler"]["last_epoch"] = 8
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(state, tmp_path / "checkpoints" / "last.pt")
+    assert run(make_cfg(*TINY), tmp_path)["epochs_completed"] == 2
+
+
+@pytest.mark.parametrize("run_dir,needle", [
+    ("${oc.env:MICROBATCH_UNSET_VARIABLE}", "hydra.run.dir: \"Environment variable "
+                                            "'MICROBATCH_UNSET_VARIABLE' not found\""),
+    ("", "hydra.run.dir='' is invalid; allowed: a folder"),
+    ("a" * 300, "is 300 bytes; allowed: at most 255 bytes per folder name"),
+    ("{tmp}/dangling/run", "dangling is a link that leads to no folder (to /nonexistent/x)"),
+    ("{tmp}/loop/run", "loop is a link that leads to no folder (to loop)"),
+])
+def test_a_run_folder_that_cannot_be_made_is_one_line(tmp_path, run_dir, needle):
+    (tmp_path / "dangling").symlink_to("/nonexistent/x")
+    (tmp_path / "loop").symlink_to("loop")
+    cfg = OmegaConf.create({"hydra": {"run": {"dir": run_dir.replace("{tmp}", str(tmp_path))}}})
+    problem = unwritable(cfg)
+    assert problem is not None and needle in problem, problem
+    assert unwritable(OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path / "ok")}}})) is None
+
+
+def test_an_empty_run_folder_through_train_py_writes_nothing(tmp_path):
+    """hydra.run.dir='' would have written the run into the current folder (the repository
+    root, run from there): refused before anything is written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), *ONE, "hydra.run.dir=''"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr == ("error: hydra.run.dir='' is invalid; allowed: a folder (an empty name "
+                          "would write the run into the current folder)\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_wandb_mode_that_wandb_refuses_is_one_line_before_training(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "banana")
+    with pytest.raises(ConfigError, match=r"WANDB_MODE='banana' \(environment\) is invalid; "
+                                          r"allowed: online, offline, disabled"):
+        validate(make_cfg(*ONE, "logger.mode=offline"))
+    validate(make_cfg(*ONE, "logger.mode=disabled"))  # wandb never starts: no matter
+
+
+def test_the_report_skips_what_it_cannot_average_with_one_line_each(tmp_path, finished):
+    """NaN, inf and 1e308 accuracies, a summary nested without end, a folder and a FIFO at
+    summary.json: each skipped with one line (a FIFO without a hang), the rest reported."""
+    good = json.loads((finished / "summary.json").read_text())
+    for name, acc in (("nan", float("nan")), ("inf", float("inf")), ("big", 1e308)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({**good, "test_acc": acc}))
+    for name in ("deep", "folder", "fifo"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "deep" / "summary.json").write_text("[" * 100_000 + "]" * 100_000)
+    (tmp_path / "folder" / "summary.json").mkdir()
+    os.mkfifo(tmp_path / "fifo" / "summary.json")
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "summary.json").write_text(json.dumps(good))
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "report.py"), str(tmp_path),
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    lines = res.stderr.splitlines()
+    for needle in ("big/summary.json: test_acc=1e+308 is not a percentage in [0, 100]",
+                   "inf/summary.json: test_acc=inf is not a finite number",
+                   "nan/summary.json: test_acc=nan is not a finite number",
+                   "deep/summary.json is not a run summary",
+                   "folder/summary.json is a folder, not a run's record file",
+                   "fifo/summary.json is a FIFO, not a run's record file"):
+        assert sum(needle in line for line in lines) == 1, (needle, res.stderr)
+    assert "1 runs -> " in res.stderr and "| bn |" in res.stdout
