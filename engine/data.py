@@ -34,6 +34,7 @@ import io
 import itertools
 import json
 import logging
+import lzma
 import os
 import pickle
 import re
@@ -41,6 +42,7 @@ import struct
 import tarfile
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Sequence
@@ -402,6 +404,19 @@ def _move_into_place(src: Path, dest: Path) -> None:
 
 # ---- pickled layout
 
+# What CIFAR files can be: a 32x32 image file is a few kB (PNG at most 3 kB of pixels plus its
+# chunks); the largest pickle is CIFAR-100's train file, 155 MB. A larger file or archive member
+# is refused from its size, before it is read: a sparse 20 GB ".png" or a 50 GB tar member (a
+# gzip bomb's) never reaches memory.
+MAX_IMAGE_BYTES = 1 << 20
+MAX_PICKLE_BYTES = 256 << 20
+
+
+def _check_size(size: int, limit: int, where: str, what: str) -> None:
+    if size > limit:
+        raise DataError(f"data.root: {where} is {size:,} bytes, more than any CIFAR {what} "
+                        f"({limit:,} at most); refused without reading it")
+
 
 def _numpy_core(module: str):
     try:
@@ -469,15 +484,25 @@ def _pickle_split(spec: _Spec, blobs: Sequence[tuple[str, bytes]], num_classes: 
             raise DataError(
                 f"data.root: pickle {where} lacks the keys b'data' and {spec.label_key!r}"
             )
-        data = torch.as_tensor(np.asarray(d[b"data"]))
-        lab = torch.as_tensor(list(d[spec.label_key]), dtype=torch.int64)
-        if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE:
-            raise DataError(
-                f"data.root: pickle {where} has data of shape {tuple(data.shape)} {data.dtype}; "
-                f"expected uint8 [N, 3072]"
-            )
-        if lab.numel() != data.shape[0]:
-            raise DataError(f"data.root: pickle {where} has {data.shape[0]} images but {lab.numel()} labels")
+        data, raw = d[b"data"], d[spec.label_key]
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                and data.shape[1] == 3 * IMAGE_SIZE * IMAGE_SIZE):
+            kind = (f"of shape {data.shape} {data.dtype}" if isinstance(data, np.ndarray)
+                    else f"of type {type(data).__name__}")
+            raise DataError(f"data.root: pickle {where} has data {kind}; expected a uint8 "
+                            "numpy array [N, 3072]")
+        if not isinstance(raw, (list, np.ndarray)) or len(raw) != data.shape[0]:
+            count = f"{len(raw)} labels" if isinstance(raw, (list, np.ndarray)) else \
+                f"labels of type {type(raw).__name__}"
+            raise DataError(f"data.root: pickle {where} has {data.shape[0]} images but {count}")
+        # Integers only: float labels would be truncated, strings or nested lists are not labels.
+        bad = next((v for v in raw if not isinstance(v, (int, np.integer))
+                    or isinstance(v, bool)), None)
+        if bad is not None:
+            raise DataError(f"data.root: pickle {where} has a label {one_line(repr(bad), 40)} of "
+                            f"type {type(bad).__name__}; expected integers 0..{num_classes - 1}")
+        data = torch.from_numpy(np.ascontiguousarray(data))
+        lab = torch.as_tensor(np.asarray(raw, dtype=np.int64))
         if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
             raise DataError(f"data.root: pickle {where} has labels outside 0..{num_classes - 1}")
         images.append(data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE))
@@ -492,7 +517,11 @@ def _pickle_classes(spec: _Spec, blob: bytes, where: str) -> list[str]:
     meta = _unpickle(blob, where)
     if spec.names_key not in meta:
         raise DataError(f"data.root: {where} lacks the key {spec.names_key!r}")
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in meta[spec.names_key]]
+    names = meta[spec.names_key]
+    if not isinstance(names, list) or not all(isinstance(n, (bytes, str)) for n in names):
+        raise DataError(f"data.root: {where} has {spec.names_key!r} that is not a list of "
+                        "strings (the class names)")
+    return [n.decode(errors="replace") if isinstance(n, bytes) else n for n in names]
 
 
 def _read_pickled(spec: _Spec, read):
@@ -508,6 +537,7 @@ def _read_pickled_dir(spec: _Spec, d: Path, root_str: str):
     def read(fname):
         p = d / fname
         try:
+            _check_size(p.stat().st_size, MAX_PICKLE_BYTES, str(p), "pickle")
             return str(p), p.read_bytes()
         except OSError as e:
             raise DataError(f"data.root={root_str}: cannot read {p} ({one_line(e, 100)})") from None
@@ -671,6 +701,7 @@ def _read_image_dir(spec: _Spec, d: Path, root_str: str):
 
     def get(p: Path):
         try:
+            _check_size(p.stat().st_size, MAX_IMAGE_BYTES, str(p), "image file")
             return str(p), p.read_bytes()
         except OSError as e:
             raise DataError(f"data.root={root_str}: cannot read {p} ({one_line(e, 100)})") from None
@@ -701,17 +732,22 @@ def _read_archive(spec: _Spec, path: Path, root_str: str):
                     continue
                 if not m.isfile():
                     continue
+                if m.name in blobs:  # tar appends: which copy is meant is not ours to guess
+                    raise DataError(f"data.root={root_str}: the archive holds {m.name} twice; "
+                                    "expected each file once")
                 if len(parts) >= 3 and parts[-3] in ("train", "test") and is_image_name(parts[-1]):
+                    _check_size(m.size, MAX_IMAGE_BYTES, f"{root_str}:{m.name}", "image file")
                     f = tf.extractfile(m)
                     blobs[m.name] = f.read() if f is not None else b""
                     images.setdefault(parts[:-3], {}).setdefault(parts[-3], {}).setdefault(
                         parts[-2], []
                     ).append(m.name)
                 elif parts[-1] in wanted and (spec.num_classes == 10 or parts[-2:-1] == (spec.pickle_dir,)):
+                    _check_size(m.size, MAX_PICKLE_BYTES, f"{root_str}:{m.name}", "pickle")
                     f = tf.extractfile(m)
                     blobs[m.name] = f.read() if f is not None else b""
                     pickled[parts[-1]] = m.name
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except (tarfile.TarError, OSError, EOFError, lzma.LZMAError, zlib.error) as e:
         raise DataError(f"data.root={root_str}: cannot read the archive ({one_line(e, 120)})") from None
 
     candidates = {p: t for p, t in images.items() if any(t.get(s) for s in ("train", "test"))}

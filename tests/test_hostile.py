@@ -168,3 +168,130 @@ def test_the_report_skips_what_it_cannot_average_with_one_line_each(tmp_path, fi
                    "fifo/summary.json is a FIFO, not a run's record file"):
         assert sum(needle in line for line in lines) == 1, (needle, res.stderr)
     assert "1 runs -> " in res.stderr and "| bn |" in res.stdout
+
+
+# ---------------------------------------------------------------- data (issue 21, items 8-9)
+
+from test_data import cifar10_pickled, image_folder, make_tar, write_pickle  # noqa: E402,F401
+
+from engine.data import load_dataset  # noqa: E402
+from engine.datatypes import DataError  # noqa: E402
+
+
+def one_line(excinfo, needle: str) -> None:
+    text = str(excinfo.value)
+    assert needle in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize("labels,needle", [
+    (None, "has 4 images but labels of type NoneType"),
+    ("abcd", "has 4 images but labels of type str"),
+    ([[1], [2], [3], [4]], "has a label [1] of type list; expected integers 0..9"),
+    ([1.5, 2.0, 3.0, 4.0], "has a label 1.5 of type float; expected integers 0..9"),
+    ([1, 2, 3], "has 4 images but 3 labels"),
+])
+def test_pickled_labels_that_are_not_integers_are_one_line(cifar10_pickled, labels, needle):
+    """Float labels were truncated silently; None, strings and nested lists were tracebacks."""
+    d = cifar10_pickled[0]
+    data = pickle_load(d / "data_batch_2")[b"data"]
+    write_pickle(d / "data_batch_2", {b"data": data, b"labels": labels})
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(d))
+    one_line(e, needle)
+
+
+@pytest.mark.parametrize("data,needle", [
+    (lambda a: a.astype(object), "has data of shape (4, 3072) object; expected a uint8"),
+    (lambda a: a.astype("U1"), "has data of shape (4, 3072) <U1; expected a uint8"),
+    (lambda a: a.tolist(), "has data of type list; expected a uint8"),
+])
+def test_pickled_data_of_another_dtype_is_one_line(cifar10_pickled, data, needle):
+    d = cifar10_pickled[0]
+    batch = pickle_load(d / "data_batch_2")
+    write_pickle(d / "data_batch_2", {**batch, b"data": data(batch[b"data"])})
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(d))
+    one_line(e, needle)
+
+
+def test_class_names_nested_without_end_are_one_line(cifar10_pickled):
+    d = cifar10_pickled[0]
+    (d / "batches.meta").write_bytes(deep_pickle(100_000))
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(d))
+    assert "\n" not in str(e.value) and "batches.meta" in str(e.value), str(e.value)
+
+
+def pickle_load(path):
+    import pickle
+    return pickle.loads(path.read_bytes())
+
+
+def deep_pickle(depth: int) -> bytes:
+    """{b'label_names': [[[...]]]} nested `depth` deep, written by hand (pickle.dumps itself
+    would recurse): EMPTY_LIST, then depth x (EMPTY_LIST ... APPEND) built inside out."""
+    import pickle
+    body = b"]" * (depth + 1) + b"a" * depth  # EMPTY_LIST x (depth+1), APPEND x depth
+    return (b"\x80\x02}" + pickle.dumps(b"label_names", 2)[2:-1] + body + b"s.")
+
+
+def test_a_corrupt_xz_archive_is_one_line(image_folder, tmp_path):
+    import tarfile
+    archive = tmp_path / "c.tar"  # xz inside: tarfile's r:* finds the compression by content
+    with tarfile.open(archive, "w:xz") as tf:
+        tf.add(image_folder[0], arcname="cifar")
+    blob = bytearray(archive.read_bytes())
+    for i in range(len(blob) // 2, len(blob) // 2 + 64):
+        blob[i] ^= 0xFF
+    archive.write_bytes(bytes(blob))
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(archive))
+    one_line(e, "cannot read the archive")
+
+
+def test_a_member_named_twice_in_an_archive_is_refused(image_folder, tmp_path):
+    """tar appends: a second member of one name was counted twice (decided: refused)."""
+    import tarfile
+    archive = make_tar(image_folder[0], tmp_path / "c.tar", "cifar")
+    one = next((image_folder[0] / "train").rglob("*.png"))
+    with tarfile.open(archive, "a") as tf:
+        tf.add(one, arcname="cifar/" + str(one.relative_to(image_folder[0])))
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(archive))
+    one_line(e, f"the archive holds cifar/{one.relative_to(image_folder[0])} twice")
+
+
+@pytest.mark.parametrize("as_archive", [False, True])
+def test_a_huge_sparse_file_is_refused_from_its_size_unread(image_folder, tmp_path, as_archive):
+    """A 20 GB sparse .png (a 50 GB tar member) was read whole: now refused from the size its
+    file system (its tar header) states, before one byte is read."""
+    root = image_folder[0]
+    victim = next((root / "train").rglob("*.png"))
+    with open(victim, "r+b") as f:
+        f.truncate(20 << 30)  # sparse: no disk used
+    target = root
+    if as_archive:
+        import tarfile
+        target = tmp_path / "c.tar"
+        with tarfile.open(target, "w") as tf:  # header only: the member's data is never written
+            info = tarfile.TarInfo("cifar/train/airplane/0000.png")
+            info.size = 50 << 30
+            tf.addfile(info)
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(target))
+    one_line(e, "more than any CIFAR image file (1,048,576 at most); refused without reading it")
+
+
+def test_a_huge_batch_is_checked_without_its_batch(monkeypatch):
+    """batch_size_per_device=100000: validation's check used to run a forward on the whole
+    device batch (6.5 GB); it now runs one image and judges each layer at the device's batch."""
+    from norms import check_statistics
+    seen = []
+    original = torch.nn.Conv2d.forward
+    monkeypatch.setattr(torch.nn.Conv2d, "forward",
+                        lambda self, x: seen.append(x.shape[0]) or original(self, x))
+    validate(make_cfg(*ONE, "batch_size_per_device=100000"))
+    assert seen and set(seen) == {1}
+    from models import build_model
+    with pytest.raises(ValueError, match="batch statistics over 1 value per channel"):
+        check_statistics(build_model("resnet", 20, norm="bn", groups=8), (1, 3, 1, 1))
