@@ -496,9 +496,7 @@ def _pickle_split(spec: _Spec, blobs: Sequence[tuple[str, bytes]], num_classes: 
                 f"labels of type {type(raw).__name__}"
             raise DataError(f"data.root: pickle {where} has {data.shape[0]} images but {count}")
         # Integers only: float labels would be truncated, strings or nested lists are not labels.
-        bad = next((v for v in raw if not isinstance(v, (int, np.integer))
-                    or isinstance(v, bool)), None)
-        if bad is not None:
+        for bad in (v for v in raw if not isinstance(v, (int, np.integer)) or isinstance(v, bool)):
             raise DataError(f"data.root: pickle {where} has a label {one_line(repr(bad), 40)} of "
                             f"type {type(bad).__name__}; expected integers 0..{num_classes - 1}")
         data = torch.from_numpy(np.ascontiguousarray(data))

@@ -188,6 +188,7 @@ def one_line(excinfo, needle: str) -> None:
     ("abcd", "has 4 images but labels of type str"),
     ([[1], [2], [3], [4]], "has a label [1] of type list; expected integers 0..9"),
     ([1.5, 2.0, 3.0, 4.0], "has a label 1.5 of type float; expected integers 0..9"),
+    ([1, None, 3, 4], "has a label None of type NoneType; expected integers 0..9"),
     ([1, 2, 3], "has 4 images but 3 labels"),
 ])
 def test_pickled_labels_that_are_not_integers_are_one_line(cifar10_pickled, labels, needle):
