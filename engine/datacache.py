@@ -33,7 +33,8 @@ def source_key(name: str, source: Path) -> str:
     """The cache entry's name: the source's path and, for an archive, its size and mtime; for
     an image folder, every image's name, size and mtime (a stat per file, no reading)."""
     h = hashlib.sha256()
-    h.update(f"v{_CACHE_FORMAT}|{name}|{source}".encode())
+    # names as the file system holds them: not every one is UTF-8 (surrogate escapes)
+    h.update(f"v{_CACHE_FORMAT}|{name}|{source}".encode("utf-8", "surrogateescape"))
     if source.is_file():
         st = source.stat()
         h.update(f"|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -46,7 +47,8 @@ def source_key(name: str, source: Path) -> str:
                 for p in sorted(cdir.iterdir()):
                     if is_image_name(p.name):
                         st = p.stat()
-                        h.update(f"|{split}/{cdir.name}/{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+                        h.update(f"|{split}/{cdir.name}/{p.name}:{st.st_size}:{st.st_mtime_ns}"
+                                 .encode("utf-8", "surrogateescape"))
     return h.hexdigest()[:24]
 
 

@@ -296,3 +296,30 @@ def test_a_huge_batch_is_checked_without_its_batch(monkeypatch):
     from models import build_model
     with pytest.raises(ValueError, match="batch statistics over 1 value per channel"):
         check_statistics(build_model("resnet", 20, norm="bn", groups=8), (1, 3, 1, 1))
+
+
+def test_an_archive_whose_files_add_up_past_any_cifar_set_is_refused(image_folder, tmp_path,
+                                                                     monkeypatch):
+    """A gzip bomb of many image-sized members: refused once what it would hold passes the
+    bound (here lowered to 20 kB; each PNG is about 3 kB), before the rest is read."""
+    import engine.data
+    monkeypatch.setattr(engine.data, "MAX_ARCHIVE_BYTES", 20_000)
+    archive = make_tar(image_folder[0], tmp_path / "c.tar.gz", "cifar")
+    with pytest.raises(DataError) as e:
+        load_dataset("cifar10", str(archive))
+    one_line(e, "the archive's image and pickle files add up to more than 20,000 bytes")
+
+
+def test_file_and_class_names_that_are_not_utf8_load_and_hit_the_cache(image_folder,
+                                                                         tmp_path):
+    """datacache.source_key encoded names as UTF-8 and failed on the bytes a file system may
+    hold: now keyed by the names' bytes, and the second load is the cache's."""
+    root = image_folder[0]
+    for split in ("train", "test"):
+        os.rename(root / split / "airplane", os.fsdecode(os.fsencode(str(root / split)) + b"/\xff"))
+    bird = root / "train" / "bird"
+    os.rename(bird / "0000.png", os.fsdecode(os.fsencode(str(bird)) + b"/\xfe.png"))
+    first = load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    again = load_dataset("cifar10", str(root), cache_dir=str(tmp_path / "cache"))
+    assert first.fingerprint == again.fingerprint and len(first.train) == 30
