@@ -38,6 +38,7 @@ import lzma
 import os
 import pickle
 import re
+import reprlib
 import struct
 import tarfile
 import tempfile
@@ -415,6 +416,14 @@ MAX_PICKLE_BYTES = 256 << 20
 MAX_ARCHIVE_BYTES = 1 << 30
 
 
+def _short_repr(value) -> str:
+    """repr, two levels deep at most: a value built of shared references (2**40 elements in
+    500 bytes of pickle) is named without walking it."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxstring, short.maxother = 2, 4, 40, 40
+    return short.repr(value)
+
+
 def _check_size(size: int, limit: int, where: str, what: str) -> None:
     if size > limit:
         raise DataError(f"data.root: {where} is {size:,} bytes, more than any CIFAR {what} "
@@ -500,7 +509,7 @@ def _pickle_split(spec: _Spec, blobs: Sequence[tuple[str, bytes]], num_classes: 
             raise DataError(f"data.root: pickle {where} has {data.shape[0]} images but {count}")
         # Integers only: float labels would be truncated, strings or nested lists are not labels.
         for bad in (v for v in raw if not isinstance(v, (int, np.integer)) or isinstance(v, bool)):
-            raise DataError(f"data.root: pickle {where} has a label {one_line(repr(bad), 40)} of "
+            raise DataError(f"data.root: pickle {where} has a label {_short_repr(bad)} of "
                             f"type {type(bad).__name__}; expected integers 0..{num_classes - 1}")
         data = torch.from_numpy(np.ascontiguousarray(data))
         lab = torch.as_tensor(np.asarray(raw, dtype=np.int64))
