@@ -312,7 +312,7 @@ def test_app_bad_input_is_one_line_and_exit_2(tmp_path):
     assert res.stderr.strip().splitlines() == [
         "error: diagnose.norms[1]='batchnorm' is invalid; allowed: bn, syncbn, gn, ln, in, "
         "bcn, brn, frn, evonorm_b0, evonorm_s0, mabn, cbn, online, none, nf (each but nf also "
-        "<norm>_ws)"]
+        "<norm>_ws), custom (your layer: with norm=custom norm.target=...)"]
     assert "Traceback" not in res.stdout + res.stderr
     assert not (tmp_path / "run" / "diagnostics.csv").exists()
     res = _run_app("data=synthetic", "diagnose.seed=3", cwd=tmp_path)  # a misspelled key
