@@ -120,6 +120,7 @@ def test_every_norm_keeps_activations_channels_last_and_its_numbers(devices):
             torch.testing.assert_close(b, a, msg=lambda m: f"{name}: {m}")  # float64
 
 
+@pytest.mark.slow  # inductor compiles on 2 CPU cores: about a minute (make test-slow)
 def test_compile_gives_the_same_losses_as_eager(tmp_path, monkeypatch):
     """About 40 s on a 2-core CPU (inductor compiles C++ with gcc), most of it compiling."""
     from torch._dynamo.eval_frame import OptimizedModule
@@ -141,6 +142,7 @@ def test_compile_gives_the_same_losses_as_eager(tmp_path, monkeypatch):
     assert_close_runs(compiled, eager, rel=1e-4)
 
 
+@pytest.mark.slow  # two processes compiling: about a minute (make test-slow)
 def test_compile_with_ddp_gives_the_same_losses_as_eager_ddp(tmp_path):
     """Two gloo processes: DDP's hooks around the compiled forward, and synchronised BCN
     statistics (an all-reduce per layer) inside it. About 30 s here."""
