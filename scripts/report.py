@@ -107,11 +107,19 @@ class ReportError(Exception):
 # ------------------------------------------------------------------------------- loading
 
 
+# Keys that change nothing in the runs that hold them, so that runs recorded before the key
+# existed (which lack it) keep their recipe: AGC's floor where AGC is off.
+INERT = {"optim.agc_eps": lambda identity: identity.get("optim.agc") is None}
+
+
 def recipe(identity: dict) -> dict:
     """The training recipe in a run's identity (optimizer, augmentation, precision, ...): every
-    dotted identity key but the axes and what other protocol columns say (NOT_RECIPE)."""
+    dotted identity key but the axes and what other protocol columns say (NOT_RECIPE). A key
+    at None (an option left off, such as optim.agc) or inert (INERT) is as if absent: older
+    records, written before the key existed, have the same recipe."""
     return {k: v for k, v in sorted(identity.items()) if k == "data.augment" or (
-        "." in k and k not in NOT_RECIPE and not k.startswith(NOT_RECIPE_PREFIXES))}
+        "." in k and k not in NOT_RECIPE and not k.startswith(NOT_RECIPE_PREFIXES)
+        and v is not None and not INERT.get(k, lambda _: False)(identity))}
 
 
 def recipe_digest(keys: dict) -> str | None:

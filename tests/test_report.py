@@ -273,6 +273,18 @@ def test_runs_of_another_protocol_are_never_averaged(tmp_path, capsys):
     assert (tmp_path / "out" / "table.md").read_text().count("(protocol") == 3
 
 
+def test_keys_added_later_at_their_off_value_keep_an_older_records_recipe():
+    """The long study's cells from before AGC existed lack optim.agc and optim.agc_eps; later
+    cells hold agc=None (off) and agc_eps=0.001, inert without AGC: one recipe. AGC on, or a
+    real difference, is another."""
+    old = {"optim.lr": 0.1, "optim.momentum": 0.9}
+    later = {**old, "optim.agc": None, "optim.agc_eps": 0.001}
+    assert report.recipe_digest(report.recipe(later)) == report.recipe_digest(report.recipe(old))
+    for other in ({**later, "optim.agc": 0.01}, {**later, "optim.lr": 0.05}):
+        assert report.recipe_digest(report.recipe(other)) != \
+            report.recipe_digest(report.recipe(old))
+
+
 def test_an_older_csv_without_fingerprint_or_recipe_joins_the_one_protocol_it_fits(tmp_path):
     rows = unlike_runs()[1:3]  # the CIFAR-10 pair, one of them from a report of before
     report.write_csv(rows[:1], tmp_path / "old.csv")
