@@ -17,7 +17,7 @@
 #
 # SELECT (an extended regex, default: every cell) keeps only the matching cells, e.g. the
 # published micro-batch normalizers added later: SELECT='norm=(brn|frn|evonorm|mabn)', or the
-# normalizer-free cells: SELECT='norm=nf' (nf and nf_agc), or SELECT='norm=online'.
+# normalizer-free cells: SELECT='norm=nf' (nf and nf_agc), or issue 24's: SELECT='norm=(nf|online|cbn)'.
 #
 # NORM_TARGET runs the protocol's cells for a normalizer of your own instead of the built-in ones
 # (norm=custom norm.target=NORM_TARGET; README: Python API), into folders custom-<Name>:
@@ -87,16 +87,15 @@ short_cells() {  # one cell a line: overrides, most important first
     fi
     for n in $dependent; do echo "$m norm=$n batch_size_per_device=8 seed=0"; done
   done
-  # Normalizer-free nets (norm=nf: no batch statistics, so b changes only the float order; the
-  # b = 2 and 64 cells show it), second seeds at b = 1, and nf with adaptive gradient clipping.
-  for b in 1 2 64; do echo "$R20 norm=nf batch_size_per_device=$b seed=0"; done
-  echo "$V11 norm=nf batch_size_per_device=1 seed=0"
-  for m in "$R20" "$V11"; do echo "$m norm=nf batch_size_per_device=1 seed=1"; done
-  echo "$R20 norm=nf_agc batch_size_per_device=1 seed=0"
-  # Online Normalization (per-device streams: b changes how many samples a step streams).
-  for b in 1 2 64; do echo "$R20 norm=online batch_size_per_device=$b seed=0"; done
-  echo "$V11 norm=online batch_size_per_device=1 seed=0"
-  for m in "$R20" "$V11"; do echo "$m norm=online batch_size_per_device=1 seed=1"; done
+  # Issue 24's methods: normalizer-free nets (nf: no batch statistics, so b changes only the
+  # float order; its b = 2 and 64 cells show it), nf with adaptive gradient clipping, Online
+  # Normalization (per-device streams: b is how many samples a step streams) and Cross-Iteration
+  # BN (per-device windows of k iterations' statistics).
+  local new="nf nf_agc online cbn"
+  for m in "$R20" "$V11"; do for n in $new; do echo "$m norm=$n batch_size_per_device=1 seed=0"; done; done
+  for n in $new; do echo "$R20 norm=$n batch_size_per_device=64 seed=0"; done
+  for n in $new; do for m in "$R20" "$V11"; do echo "$m norm=$n batch_size_per_device=1 seed=1"; done; done
+  for n in nf online cbn; do echo "$R20 norm=$n batch_size_per_device=2 seed=0"; done
 }
 
 long_cells() {  # the long schedule (issue 20's list), most important first
@@ -121,8 +120,13 @@ long_cells() {  # the long schedule (issue 20's list), most important first
   for n in bn:64 bcn_ws:1 gn:1 "$best":1; do
     echo "$R20 norm=${n%:*} batch_size_per_device=${n#*:} seed=0 trainer.epochs=40"
   done
-  # Online Normalization (issue 24), at one image per device and beside its b = 64.
-  for b in 1 64; do echo "$R20 norm=online batch_size_per_device=$b seed=0"; done
+  # Issue 24's methods, at one image per device and beside their b = 64: Online Normalization,
+  # Cross-Iteration BN, normalizer-free (b-independent: b = 64 differs only in float order),
+  # and normalizer-free with adaptive gradient clipping.
+  for n in online cbn nf; do
+    for b in 1 64; do echo "$R20 norm=$n batch_size_per_device=$b seed=0"; done
+  done
+  echo "$R20 norm=nf_agc batch_size_per_device=1 seed=0"
   for b in 64 1; do echo "$V11 norm=bn batch_size_per_device=$b seed=0"; done
   echo "$V11 norm=bcn_ws batch_size_per_device=1 seed=0"
 }

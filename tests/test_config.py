@@ -382,15 +382,21 @@ def test_every_queued_cell_of_the_study_composes_and_validates(study):
         assert global_batch(cfg) == 64 and cfg.data.root == "/data/cifar10"
         assert not cfg.data.download and cfg.trainer.num_threads == 1
     if study == "short":
-        assert len(cells) == 104
+        assert len(cells) == 114
         assert (cfg.trainer.epochs, cfg.data.train_subset) == (4, 20000)
-        # the normalizer-free cells, then online's, close the queue
-        assert [c[0].removeprefix("/q/") for c in cells[-13:-6]] == [
-            "resnet20/nf_b1_s0", "resnet20/nf_b2_s0", "resnet20/nf_b64_s0", "vgg11/nf_b1_s0",
-            "resnet20/nf_b1_s1", "vgg11/nf_b1_s1", "resnet20/nf_agc_b1_s0"]
-        assert all("/online_b" in c[0] for c in cells[-6:])
-        nf_agc = make_cfg(*cells[-7][1:])
+        # issue 24's methods close the queue: every one at b = 1 on both models first
+        last = [c[0].removeprefix("/q/") for c in cells[-23:]]
+        assert last[:8] == [f"{m}/{n}_b1_s0" for m in ("resnet20", "vgg11")
+                            for n in ("nf", "nf_agc", "online", "cbn")]
+        assert sorted(last[8:]) == sorted(
+            [f"resnet20/{n}_b64_s0" for n in ("nf", "nf_agc", "online", "cbn")]
+            + [f"{m}/{n}_b1_s1" for m in ("resnet20", "vgg11")
+               for n in ("nf", "nf_agc", "online", "cbn")]
+            + [f"resnet20/{n}_b2_s0" for n in ("nf", "online", "cbn")])
+        nf_agc = make_cfg(*cells[-22][1:])
         assert (nf_agc.norm.name, nf_agc.optim.agc) == ("nf", 0.01)
+        cbn = make_cfg(*cells[-20][1:])
+        assert cbn.norm.name == "cbn" and cbn.batch_size_per_device == 1
 
 
 def test_select_keeps_the_matching_cells_of_the_queue():
@@ -403,15 +409,16 @@ def test_select_keeps_the_matching_cells_of_the_queue():
     out = subprocess.run(["bash", str(ROOT / "scripts" / "microbatch_study.sh"), "/q"], env=env,
                          capture_output=True, text=True, check=True)
     assert [line.split()[0] for line in out.stdout.splitlines()] == [
-        "/q/resnet20/nf_b1_s0", "/q/resnet20/nf_b2_s0", "/q/resnet20/nf_b64_s0",
-        "/q/vgg11/nf_b1_s0", "/q/resnet20/nf_b1_s1", "/q/vgg11/nf_b1_s1",
-        "/q/resnet20/nf_agc_b1_s0"]
+        "/q/resnet20/nf_b1_s0", "/q/resnet20/nf_agc_b1_s0", "/q/vgg11/nf_b1_s0",
+        "/q/vgg11/nf_agc_b1_s0", "/q/resnet20/nf_b64_s0", "/q/resnet20/nf_agc_b64_s0",
+        "/q/resnet20/nf_b1_s1", "/q/vgg11/nf_b1_s1", "/q/resnet20/nf_agc_b1_s1",
+        "/q/vgg11/nf_agc_b1_s1", "/q/resnet20/nf_b2_s0"]
     env["SELECT"] = "norm=online"
     out = subprocess.run(["bash", str(ROOT / "scripts" / "microbatch_study.sh"), "/q"], env=env,
                          capture_output=True, text=True, check=True)
     assert [line.split()[0] for line in out.stdout.splitlines()] == [
-        "/q/resnet20/online_b1_s0", "/q/resnet20/online_b2_s0", "/q/resnet20/online_b64_s0",
-        "/q/vgg11/online_b1_s0", "/q/resnet20/online_b1_s1", "/q/vgg11/online_b1_s1"]
+        "/q/resnet20/online_b1_s0", "/q/vgg11/online_b1_s0", "/q/resnet20/online_b64_s0",
+        "/q/resnet20/online_b1_s1", "/q/vgg11/online_b1_s1", "/q/resnet20/online_b2_s0"]
 
 
 def test_the_long_study_queues_its_cells_in_the_issues_order_on_the_long_schedule():
@@ -423,8 +430,10 @@ def test_the_long_study_queues_its_cells_in_the_issues_order_on_the_long_schedul
         "bn_b1_s0", "bn_b2_s0", "bn_b64_s0", "bcn_ws_b1_s0", "gn_b1_s0", "mabn_b1_s0",
         "evonorm_s0_b1_s0", "frn_b1_s0", "brn_b1_s0"}
     assert order[-3:] == ["vgg11/bn_b64_s0", "vgg11/bn_b1_s0", "vgg11/bcn_ws_b1_s0"]
-    assert order[-5:-3] == ["resnet20/online_b1_s0", "resnet20/online_b64_s0"]
-    assert len(order) == 36
+    assert order[-10:-3] == [f"resnet20/{n}_b{b}_s0" for n in ("online", "cbn", "nf")
+                             for b in (1, 64)] + ["resnet20/nf_agc_b1_s0"]
+    assert cells["resnet20/nf_agc_b1_s0"].optim.agc == 0.01
+    assert len(order) == 41
     for folder, cfg in cells.items():
         epochs = 40 if folder.endswith("_e40") else 20
         assert (cfg.trainer.epochs, cfg.data.train_subset, cfg.name) == (epochs, 0,
