@@ -33,10 +33,19 @@ last k-1 burn-in iterations so the window is full when it starts; running statis
 move toward the window's (mu_bar, sigma^2) that training normalises with, not the current
 batch's; history in buffers (checkpointed, per device, gathered like MABN's), not lists.
 
-State per device d (rows as in norms/devices.py): mu, nu [D, k-1, C] and their gradients
-[D, k-1, *theta.shape]; theta's history and the step of each slot are shared (every device
-steps together with the same weights). Counting optimizer steps makes K virtual devices, K
-processes and K accumulation micro-steps the same computation.
+State per device d (rows as in norms/devices.py): mu, nu [D, k-1, C], and what the
+compensation needs, in one of two exact forms, whichever fits:
+- dense: the gradients d mu / d theta, d nu / d theta [D, k-1, *theta.shape]: one dot product a
+  step. D (k-1) 2 |theta| numbers: 1 GiB for VGG-11's 512-channel convs at D = 64.
+- factored, where the dense form of a layer would pass `dense_bytes` (256 MiB): the conv's input
+  and output [D, k-1, b, C, H, W] of each entry; the same first-order terms come from one conv of
+  the old inputs with the weights' change, d mu . delta = mean_M(conv(P, W^ change)) and
+  d nu . delta = 2/M sum y conv(P, W^ change) (with WS, W^'s change is the standardisation's
+  jvp at theta_{t-tau}). k-1 forward convs a step instead of one dot product, but memory in
+  activations, not weights.
+theta's history and the step of each slot are shared (every device steps together with the
+same weights). Counting optimizer steps makes K virtual devices, K processes and K
+accumulation micro-steps the same computation.
 """
 from __future__ import annotations
 
@@ -71,11 +80,28 @@ def statistic_gradients(conv: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor,
     return g_mu, g_nu
 
 
+DENSE_BYTES = 2**28  # a layer whose gradient window would be larger keeps activations instead
+FACTORED = ("window_x", "window_y")  # the factored form's buffers: sized at their first entry
+
+
+def standardize_jvp(conv: WSConv2d, theta: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """J tangent, J the Jacobian of the conv's WS at theta (any number of filters): the
+    transpose of WS's own written-out vector-Jacobian product, by differentiating it in its
+    cotangent (linear, so the zero cotangent is exact)."""
+    with torch.enable_grad():
+        theta = theta.detach().requires_grad_(True)
+        v = torch.zeros_like(theta, requires_grad=True)
+        (vjp,) = torch.autograd.grad(conv.standardize(theta), theta, v, create_graph=True)
+        (jvp,) = torch.autograd.grad(vjp, v, tangent)
+    return jvp
+
+
 class CrossIterationBatchNorm(DeviceAware, nn.Module):
-    per_device_buffers = ("window_mu", "window_nu", "window_dmu", "window_dnu")
+    per_device_buffers = ("window_mu", "window_nu", "window_dmu", "window_dnu") + FACTORED
 
     def __init__(self, num_channels: int, conv: nn.Conv2d | None = None, window: int = 8,
-                 burnin: int = 0, eps: float = 1e-5, momentum: float = 0.1):
+                 burnin: int = 0, eps: float = 1e-5, momentum: float = 0.1,
+                 dense_bytes: int = DENSE_BYTES):
         super().__init__()
         if conv is None:
             raise ValueError("cbn: no convolution before this norm; cbn compensates its "
@@ -88,7 +114,7 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
             raise ValueError(f"cbn: the conv before it has out_channels={conv.out_channels}, "
                              f"the norm num_channels={num_channels}; allowed: equal")
         self.num_channels, self.window, self.burnin = num_channels, window, burnin
-        self.eps, self.momentum = eps, momentum
+        self.eps, self.momentum, self.dense_bytes = eps, momentum, dense_bytes
         # Not a submodule: its parameters belong to the model where it stands.
         object.__setattr__(self, "conv", conv)
         conv.register_forward_pre_hook(self._remember_input)
@@ -100,13 +126,17 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         self.register_buffer("window_nu", torch.zeros(1, past, num_channels))
         self.register_buffer("window_dmu", torch.zeros(1, past, *shape))
         self.register_buffer("window_dnu", torch.zeros(1, past, *shape))
+        for name in FACTORED:
+            self.register_buffer(name, torch.zeros(1, past, 0))
         # flat [k-1, fan-in x C]: a 5-d buffer would break model.to(memory_format=channels_last)
         self.register_buffer("window_theta", torch.zeros(past, shape.numel()))
         self.register_buffer("window_step", torch.zeros(past, dtype=torch.long))  # 0: empty
         self.register_buffer("running_mean", torch.zeros(num_channels))
         self.register_buffer("running_var", torch.ones(num_channels))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self._steps_seen = None  # (buffer, its version, its value): see step_count
         self._average = StepAverage()
+        self.devices_changed()
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, window={self.window}, burnin={self.burnin}, "
@@ -115,12 +145,38 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
     def _remember_input(self, conv, args):
         self._input = args[0] if self.training else None
 
+    @property
+    def dense(self) -> bool:
+        """Which form the window holds (see the module's docstring): the buffers say."""
+        return self.window_dmu.dim() > 3
+
     def devices_changed(self) -> None:
-        d = self.num_devices()
-        if self.window_mu.shape[0] != d:
-            for name in self.per_device_buffers:
-                buf = getattr(self, name)
-                setattr(self, name, buf.new_zeros(d, *buf.shape[1:]))
+        """Empty windows for D devices, dense if D (k-1) 2 |theta| fits `dense_bytes`."""
+        d, past, shape = self.num_devices(), self.window - 1, self.conv.weight.shape
+        dense = d * past * 2 * shape.numel() * self.window_mu.element_size() <= self.dense_bytes
+        sizes = {"window_mu": (self.num_channels,), "window_nu": (self.num_channels,),
+                 "window_dmu": shape if dense else (0,), "window_dnu": shape if dense else (0,),
+                 "window_x": (0,), "window_y": (0,)}
+        for name, size in sizes.items():
+            buf = getattr(self, name)
+            if buf.shape != (d, past, *size):
+                setattr(self, name, buf.new_zeros(d, past, *size))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint's windows keep their form and, factored, the batch's shape
+        for name in ("window_dmu", "window_dnu") + FACTORED:
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, torch.Tensor) and saved.shape != getattr(self, name).shape:
+                setattr(self, name, getattr(self, name).new_zeros(saved.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def step_count(self) -> int:
+        """`steps` as an int, read from the buffer only when something else wrote it (a load,
+        a copy): int() of a CUDA tensor would wait for the GPU at every forward."""
+        seen = self._steps_seen
+        if seen is None or seen[0] is not self.steps or seen[1] != self.steps._version:
+            self._steps_seen = seen = (self.steps, self.steps._version, int(self.steps))
+        return seen[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp, self._input = self._input, None  # never kept past this forward (copies, memory)
@@ -133,7 +189,7 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         k, past = self.virtual_devices, self.window - 1
         if x.shape[0] % k:
             raise ValueError(f"batch of {x.shape[0]} does not split into {k} virtual devices")
-        t = int(self.steps) + 1
+        t = self.step_count() + 1
         record = past > 0 and t > self.burnin - past
         if record and (inp is None or inp.shape[0] != x.shape[0]):
             raise ValueError("cbn: its convolution did not run on this batch just before it")
@@ -144,14 +200,9 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
             if past > 0 and t > self.burnin:
                 used = ((self.window_step > 0) & (self.window_step >= t - past)).to(xs.dtype)
                 used = used.view(1, -1, 1)                                   # [1, k-1, 1]
-                # theta_t - theta_{t-tau} per filter: [1, k-1, C, fan-in]
-                weight = self.conv.weight.detach().to(xs.dtype)
-                delta = (weight.flatten() - self.window_theta).view(past, len(weight), -1)
-                rows = step.rows
-                mu_old = self.window_mu[rows] + torch.linalg.vecdot(         # [K, k-1, C]
-                    self.window_dmu[rows].flatten(3), delta.unsqueeze(0))
-                nu_old = self.window_nu[rows] + torch.linalg.vecdot(
-                    self.window_dnu[rows].flatten(3), delta.unsqueeze(0))
+                d_mu, d_nu = self._compensation(step.rows, xs.dtype)           # [K, k-1, C]
+                mu_old = self.window_mu[step.rows] + d_mu
+                nu_old = self.window_nu[step.rows] + d_nu
                 var_old = ((nu_old - mu_old.square()).clamp_min(0) * used).sum(1)  # the floor
                 n = 1 + used.sum()
             else:
@@ -176,19 +227,55 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
                 self.running_var.lerp_(mean[1], self.momentum)
             if step.last:
                 self.steps.add_(1)
+                self._steps_seen = (self.steps, self.steps._version, t)
         return in_layout_of(y.flatten(0, 1).to(x.dtype), x)
+
+    def _compensation(self, rows: slice, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first-order terms d mu . (theta_t - theta_{t-tau}) and the same for nu, for the
+        devices `rows` and every slot: [K, k-1, C] each."""
+        conv, past = self.conv, self.window - 1
+        weight = conv.weight.detach().to(dtype)
+        delta = weight.flatten() - self.window_theta                         # [k-1, |theta|]
+        if self.dense:
+            delta = delta.view(1, past, len(weight), -1)                     # per filter
+            return (torch.linalg.vecdot(self.window_dmu[rows].flatten(3), delta),
+                    torch.linalg.vecdot(self.window_dnu[rows].flatten(3), delta))
+        # factored: conv(P, W^ change) over the old inputs, the slots as convolution groups
+        delta = delta.view(past * len(weight), *weight.shape[1:])
+        if isinstance(conv, WSConv2d):  # W^'s change: WS's jvp at theta_{t-tau}
+            delta = standardize_jvp(conv, self.window_theta.view_as(delta).to(dtype), delta)
+        x_old, y_old = self.window_x[rows], self.window_y[rows]         # [K, k-1, b, C, H, W]
+        k, b = x_old.shape[0], x_old.shape[2]
+        z = F.conv2d(x_old.transpose(1, 2).flatten(0, 1).flatten(1, 2), delta, None,
+                     conv.stride, conv.padding, conv.dilation, past * conv.groups)
+        z = z.unflatten(1, (past, -1)).unflatten(0, (k, b)).transpose(1, 2)  # as y_old
+        dims = (2, 4, 5)
+        return z.mean(dims), 2 * (y_old * z).mean(dims)
 
     def _record(self, step, t, inp, x, mu_t, var_t) -> None:
         """This step's entry into slot t mod (k-1), the oldest one (already read)."""
-        slot = t % (self.window - 1)
-        dtype = self.window_dmu.dtype
-        g_mu, g_nu = statistic_gradients(self.conv, inp.detach().to(dtype),
-                                         x.detach().to(dtype), self.virtual_devices)
+        slot, k = t % (self.window - 1), self.virtual_devices
+        dtype = self.window_mu.dtype
+        inp, x = inp.detach().to(dtype), x.detach().to(dtype)
         rows = torch.arange(step.rows.start, step.rows.stop, device=x.device)
         self.window_mu[rows, slot] = mu_t.detach()
         self.window_nu[rows, slot] = (var_t + mu_t.square()).detach()
-        self.window_dmu[rows, slot] = g_mu
-        self.window_dnu[rows, slot] = g_nu
+        if self.dense:
+            g_mu, g_nu = statistic_gradients(self.conv, inp, x, k)
+            self.window_dmu[rows, slot] = g_mu
+            self.window_dnu[rows, slot] = g_nu
+        else:
+            for name, value in zip(FACTORED, (inp, x)):
+                value = value.unflatten(0, (k, -1))                              # [K, b, C, H, W]
+                buf = getattr(self, name)
+                if buf.shape[2:] != value.shape[1:]:
+                    if buf.shape[2:] != (0,):
+                        raise ValueError(
+                            f"cbn: the batch per device changed from {tuple(buf.shape[2:])} to "
+                            f"{tuple(value.shape[1:])}; its window keeps the conv's activations")
+                    buf = buf.new_zeros(*buf.shape[:2], *value.shape[1:])
+                    setattr(self, name, buf)
+                buf[rows, slot] = value
         if step.last:  # shared by every device of the step: written once they have all read it
             self.window_theta[slot] = self.conv.weight.detach().flatten()
             self.window_step[slot] = t

@@ -20,11 +20,16 @@ CIN, C, HW = 3, 4, (4, 4)
 OPTS = dict(window=3, burnin=2, eps=1e-3, momentum=0.3)
 
 
-def pair(ws=False, **opts):
-    """conv then cbn through the factory's link, as a model builds them."""
+def pair(ws=False, factored=False, **opts):
+    """conv then cbn through the factory's link, as a model builds them; `factored`: the window
+    keeps the conv's activations instead of the statistics' gradients."""
     conv_cls, link = conv_factory("cbn", ws)
     conv = conv_cls(CIN, C, 3, padding=1, bias=False)
     norm = build_norm("cbn", C, conv=link.take(), **{**OPTS, **opts})
+    if factored:
+        norm.dense_bytes = 0
+        norm.devices_changed()
+    assert norm.dense != factored
     with torch.no_grad():
         conv.weight.copy_(torch.linspace(-1, 1, conv.weight.numel()).view(conv.weight.shape))
         norm.weight.copy_(torch.linspace(0.5, 1.5, C))
@@ -100,11 +105,14 @@ def move(net, step):
         p.grad = None
 
 
-@pytest.mark.parametrize("devices,ws", [(1, False), (2, False), (2, True)])
-def test_cbn_steps_match_the_paper(devices, ws):
+@pytest.mark.parametrize("devices,ws,factored", [(1, False, False), (2, False, False),
+                                                 (2, True, False), (2, False, True),
+                                                 (2, True, True)])
+def test_cbn_steps_match_the_paper(devices, ws, factored):
     """8 steps, k = 3, burn-in 2, weights moving every step: plain BN, then the compensated
-    window (entries from the last k-1 burn-in steps on); buffers, running statistics, eval."""
-    net = pair(ws)
+    window (entries from the last k-1 burn-in steps on); buffers, running statistics, eval.
+    Both forms of the window: the gradients, or the activations they come from."""
+    net = pair(ws, factored)
     configure_devices(net, virtual_devices=devices)
     norm = net[1]
     refs = [CBNReference(norm.weight.detach().clone(), norm.bias.detach().clone(), 3, 2, 1e-3,
@@ -128,7 +136,8 @@ def test_cbn_steps_match_the_paper(devices, ws):
     for d, ref in enumerate(refs):  # the window holds the last k-1 = 2 entries
         last = ref.history[-2:]
         torch.testing.assert_close(norm.window_mu[d].sum(0), sum(h[0] for h in last))
-        torch.testing.assert_close(norm.window_dnu[d].sum(0), sum(h[3] for h in last))
+        if not factored:
+            torch.testing.assert_close(norm.window_dnu[d].sum(0), sum(h[3] for h in last))
     net.eval()
     u = data(1, 2)[0][0]
     want = F.batch_norm(net[0](u), running[0], running[1], norm.weight, norm.bias, False, 0,
@@ -159,8 +168,9 @@ def test_cbn_floor_holds_where_the_compensation_overshoots():
     assert floored
 
 
-def test_cbn_accumulation_micro_steps_are_devices():
-    virtual, accum = pair(), pair()
+@pytest.mark.parametrize("factored", [False, True])
+def test_cbn_accumulation_micro_steps_are_devices(factored):
+    virtual, accum = pair(factored=factored), pair(factored=factored)
     configure_devices(virtual, virtual_devices=2)
     configure_devices(accum, accumulate=2)
     for u, up, dtheta in data(7, 4):
@@ -178,7 +188,7 @@ def _processes(rank, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
-        ref, net = pair(), pair()
+        ref, net = pair(), pair(factored=True)  # the two forms agree, across processes too
         configure_devices(ref, virtual_devices=4)
         configure_devices(net, virtual_devices=2, process_group=dist.group.WORLD)
         mine = slice(rank * 4, rank * 4 + 4)
@@ -190,7 +200,9 @@ def _processes(rank, init_file):
             move(ref, dtheta), move(net, dtheta)
         sync_buffers(net, Process(rank, 2, torch.device("cpu"), dist.group.WORLD))
         for (name, b), c in zip(net.named_buffers(), ref.buffers()):
-            torch.testing.assert_close(b, c, msg=name)
+            if "window_" not in name or (b.numel() and c.numel()):  # a form's own: one side
+                torch.testing.assert_close(b, c, msg=name)
+        assert net[1].window_x.abs().sum(tuple(range(1, 6))).all()  # every device's rows
     finally:
         dist.destroy_process_group()
 
@@ -244,3 +256,26 @@ def test_cbn_impossible_set_ups_are_one_line():
     norm = build_norm("cbn", 4, conv=nn.Conv2d(3, 4, 3), window=2, burnin=0)
     with pytest.raises(ValueError, match="did not run on this batch just before it"):
         norm(torch.randn(2, 4, 3, 3))
+
+
+def test_cbn_window_form_follows_its_size_and_survives_a_checkpoint():
+    """Dense where D (k-1) 2 |theta| fits 256 MiB (every ResNet-20 layer at 64 devices), the
+    activations where it would not (VGG-11's wide convs: 1 GiB each); a factored window saved
+    mid-run loads into a fresh layer, which then continues exactly."""
+    from models import build_model
+    for arch, depth, factored in (("resnet", 20, set()), ("vgg", 11, {256, 512})):
+        net = build_model(arch, depth, norm="cbn")
+        configure_devices(net, virtual_devices=64)
+        norms = [m for m in net.modules() if hasattr(m, "window_dmu")]
+        assert {n.num_channels for n in norms if not n.dense} == factored
+        assert sum(b.numel() for n in norms for b in n.buffers()) * 4 < 2**30
+    a, b = pair(factored=True), pair(factored=True)
+    steps = data(6, 2)
+    for u, up, dtheta in steps[:3]:
+        run(a, u, up), move(a, dtheta)
+    run(b, *steps[5][:2])  # b's own step first: the loaded step count must replace it
+    b.load_state_dict(a.state_dict())
+    assert b[1].window_x.shape == (1, 2, 2, CIN, *HW) and not b[1].dense
+    for u, up, dtheta in steps[3:]:
+        torch.testing.assert_close(run(b, u, up), run(a, u, up))
+        move(a, dtheta), move(b, dtheta)
