@@ -23,7 +23,8 @@ The derivatives are the paper's closed forms through the one preceding conv (its
 computation": the earlier layers' dependence dropped, as in the paper): with P the input
 patches of the conv output's positions of one device (M of them) and W^ the weight the conv
 applies, d mu_c / d W^_c = mean_M(P), d nu_c / d W^_c = 2/M sum y_c P: one weight-gradient
-convolution each, all devices at once (devices as convolution groups). With WS, W^ = WS(theta):
+convolution each, all devices at once (devices as convolution groups); mu's is the same for
+every filter, so it is one filter's, of the device's mean image. With WS, W^ = WS(theta):
 the chain through the standardisation by its own backward. This is the derivative the authors'
 autograd.grad computes, per device instead of summed over the batch.
 
@@ -66,12 +67,13 @@ def statistic_gradients(conv: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor,
     # [K*b, C, *] -> [b, K*C, *]: the devices side by side as convolution groups
     side = lambda z: z.unflatten(0, (devices, b)).transpose(0, 1).flatten(1, 2)  # noqa: E731
     xi, y = side(inp), side(out)
-    w = conv.weight
-    size = (devices * w.shape[0], *w.shape[1:])
-    grads = [torch.nn.grad.conv2d_weight(xi, size, cot, conv.stride, conv.padding,
-                                         conv.dilation, devices * conv.groups)
-             for cot in (torch.full_like(y, 1 / m), y * (2 / m))]
-    g = torch.cat(grads)                                   # [2K*C_out, C_in/g, kh, kw]
+    w, groups = conv.weight, devices * conv.groups
+    grad = lambda x, cot: torch.nn.grad.conv2d_weight(  # noqa: E731
+        x, (cot.shape[1], *w.shape[1:]), cot, conv.stride, conv.padding, conv.dilation, groups)
+    # d mu_c / d W^_c = mean_M(P) is the same for every filter of a group, and linear in the
+    # input: one filter per group, from the device's mean image
+    g_mu = grad(xi.mean(0, keepdim=True), y.new_full((1, groups, *y.shape[2:]), b / m))
+    g = torch.cat([g_mu.repeat_interleave(w.shape[0] // conv.groups, 0), grad(xi, y * (2 / m))])
     if isinstance(conv, WSConv2d):  # through W^ = WS(theta), per filter: theta repeated 2K times
         with torch.enable_grad():
             theta = w.detach().to(g.dtype).repeat(2 * devices, 1, 1, 1).requires_grad_(True)

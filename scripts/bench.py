@@ -13,6 +13,10 @@ Prints a table and, with --out, writes DIR/bench.json and DIR/table.md. The figu
                          (F.batch_norm: brn, evonorm_b0, mabn, online; F.group_norm: frn,
                          evonorm_s0)
                       (goal <= 2.0 brn, frn, evonorm_s0; <= 3.0 evonorm_b0, mabn, online)
+                         cbn with the 3x3 conv before it, its window full (k = 8), against
+                         the same conv + F.batch_norm: cbn's extra work is two weight-gradient
+                         convolutions (2/3 of the conv's fwd+bwd) and the compensation
+                                                                                 (goal <= 2.0)
                          --target: your layer (norm=custom's target and options) instead,
                          against F.batch_norm if it is batch-dependent, else F.group_norm
                          (custom-<Name>, goal <= 1.5)
@@ -71,15 +75,16 @@ from engine.loop import (Process, Step, WarmupCosine, keep_freed_memory, train_e
 from models import build_model  # noqa: E402
 from engine.config import CUSTOM, norm_dirname  # noqa: E402
 from norms import (RELU_GAMMA, DeviceAware, NormSpec, ScaledWSConv2d, WSConv2d,  # noqa: E402
-                   build_norm, configure_devices, custom_spec, load_target)
+                   build_norm, configure_devices, conv_factory, custom_spec, load_target)
 
 NORMS = ("bn", "gn", "ln", "in", "bcn", "brn", "frn", "evonorm_b0", "evonorm_s0", "mabn",
-         "online")
+         "online", "cbn")
 SHAPES = ((64, 64, 16, 16), (2, 64, 16, 16))  # a realistic activation, a micro-batch one
 GROUPS = 8  # the project's default (engine/config.py)
 GOALS = {"norm_vs_native": ("<=", 1.5), "norm_vs_native.bcn": ("<=", 2.5),
          **{f"norm_vs_native.{n}": ("<=", 2.0) for n in ("brn", "frn", "evonorm_s0")},
          **{f"norm_vs_native.{n}": ("<=", 3.0) for n in ("evonorm_b0", "mabn", "online")},
+         "norm_vs_native.cbn": ("<=", 2.0),
          "ws_conv_vs_conv": ("<=", 1.15), "scaled_ws_conv_vs_conv": ("<=", 1.2),
          "agc_vs_clip_grad_norm": ("<=", 3.0), "step_vs_bare": ("<=", 1.05),
          "loader_vs_torchvision": (">=", 5.0), "virtual_vs_accumulate": (">=", 1.8)}
@@ -138,6 +143,19 @@ def native_norm(name: str, c: int, device="cpu") -> Callable:
     return lambda x: F.group_norm(x, groups, weight, bias, 1e-5)
 
 
+def conv_and_cbn(c: int, device="cpu", window: int = 8) -> tuple[nn.Module, Callable]:
+    """cbn needs the conv before it (it records that conv's input): a 3x3 conv and cbn, its
+    window already full, against the same conv and F.batch_norm."""
+    conv_cls, link = conv_factory("cbn", False)
+    conv = conv_cls(c, c, 3, padding=1, bias=False)
+    pair = nn.Sequential(conv, build_norm("cbn", c, conv=link.take(), window=window)).to(device)
+    with torch.no_grad():
+        for _ in range(window):
+            pair(torch.randn(2, c, 4, 4, device=device))
+    batch_norm = native_norm("bn", c, device)
+    return pair, lambda x: batch_norm(F.conv2d(x, pair[0].weight, None, 1, 1))
+
+
 def fwd_bwd(fn: Callable, shape, device="cpu", seed: int = 0) -> Callable[[], None]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(device).requires_grad_()
@@ -158,6 +176,8 @@ def norm_vs_native(shapes=SHAPES, norms=NORMS, repeats: int = 7, target_s: float
                 layer = build_norm(norm, shape[1]).to(device)
                 native = native_norm("bn" if isinstance(layer, DeviceAware) else "gn", shape[1],
                                      device)
+            elif name == "cbn":
+                layer, native = conv_and_cbn(shape[1], device)
             else:
                 layer = build_norm(name, shape[1], groups=GROUPS).to(device)
                 native = native_norm(name, shape[1], device)

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 FIGURES = {"norm_vs_native": {"bn", "gn", "ln", "in", "bcn", "brn", "frn", "evonorm_b0",
-                              "evonorm_s0", "mabn", "online"}, "ws_conv_vs_conv": None,
+                              "evonorm_s0", "mabn", "online", "cbn"}, "ws_conv_vs_conv": None,
            "scaled_ws_conv_vs_conv": None, "agc_vs_clip_grad_norm": None,
            "step_vs_bare": {"2", "32"}, "loader_vs_torchvision": {"2", "128"},
            "virtual_vs_accumulate": None}

@@ -203,6 +203,7 @@ def _processes(rank, init_file):
             if "window_" not in name or (b.numel() and c.numel()):  # a form's own: one side
                 torch.testing.assert_close(b, c, msg=name)
         assert net[1].window_x.abs().sum(tuple(range(1, 6))).all()  # every device's rows
+        dist.barrier()  # neither leaves while the other's gloo threads still talk to it
     finally:
         dist.destroy_process_group()
 
@@ -218,9 +219,10 @@ def test_cbn_closed_form_derivatives_are_autograd_per_device():
     from norms.cbn import statistic_gradients
     gen = torch.Generator().manual_seed(5)
     for conv in (nn.Conv2d(CIN, C, 3, stride=2, padding=1, bias=False),
+                 nn.Conv2d(2 * CIN, C, 3, padding=1, groups=2),
                  WSConv2d(CIN, C, 3, padding=1, bias=False)):
         conv = conv.to(DT)
-        u = torch.randn(6, CIN, 5, 5, generator=gen, dtype=DT)
+        u = torch.randn(6, conv.in_channels, 5, 5, generator=gen, dtype=DT)
         g_mu, g_nu = statistic_gradients(conv, u, conv(u).detach(), 3)
         for d, ud in enumerate(u.chunk(3)):
             x = conv(ud)

@@ -54,6 +54,7 @@ def _run(rank, init_file, norm, virtual_devices):
             torch.testing.assert_close(b, c, msg=f"{norm} buffer {name}")
         layer.eval(), ref.eval()
         torch.testing.assert_close(layer(x[mine]), ref(x)[mine])
+        dist.barrier()  # neither leaves while the other's gloo threads still talk to it
     finally:
         dist.destroy_process_group()
 
