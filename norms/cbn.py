@@ -247,6 +247,8 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         if isinstance(conv, WSConv2d):  # W^'s change: WS's jvp at theta_{t-tau}
             delta = standardize_jvp(conv, self.window_theta.view_as(delta).to(dtype), delta)
         x_old, y_old = self.window_x[rows], self.window_y[rows]         # [K, k-1, b, C, H, W]
+        if x_old.dim() == 3:  # nothing recorded yet (no burn-in): no old entries to move
+            return (torch.zeros_like(self.window_mu[rows]),) * 2
         k, b = x_old.shape[0], x_old.shape[2]
         z = F.conv2d(x_old.transpose(1, 2).flatten(0, 1).flatten(1, 2), delta, None,
                      conv.stride, conv.padding, conv.dilation, past * conv.groups)

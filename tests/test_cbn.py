@@ -145,10 +145,12 @@ def test_cbn_steps_match_the_paper(devices, ws, factored):
     torch.testing.assert_close(net(u), want)
 
 
-def test_cbn_floor_holds_where_the_compensation_overshoots():
+@pytest.mark.parametrize("factored", [False, True])
+def test_cbn_floor_holds_where_the_compensation_overshoots(factored):
     """A large weight step makes a compensated nu < mu^2: the floor max(nu, mu^2) keeps sigma2
-    the paper's (the reference above would disagree without it)."""
-    net, ref = pair(window=2, burnin=0), None
+    the paper's (the reference above would disagree without it). No burn-in: the first step
+    has an empty window."""
+    net, ref = pair(window=2, burnin=0, factored=factored), None
     norm = net[1]
     ref = CBNReference(norm.weight.detach().clone(), norm.bias.detach().clone(), 2, 0, 1e-3,
                        False)
