@@ -25,9 +25,12 @@ def unitwise_norm(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), keepdim=True)
 
 
+CLIPPING, EPS = 0.01, 1e-3  # the authors' lambda and floor
+
+
 @torch.no_grad()
-def adaptive_clip_grad_(params: Iterable[torch.Tensor], clipping: float = 0.01,
-                        eps: float = 1e-3) -> None:
+def adaptive_clip_grad_(params: Iterable[torch.Tensor], clipping: float = CLIPPING,
+                        eps: float = EPS) -> None:
     """Clip each parameter's .grad in place, unit-wise (the module docstring's equation)."""
     for p in params:
         if p.grad is None:

@@ -335,15 +335,23 @@ def model_norm(cfg, total_steps: int | None = None):
 
 
 def norm_label(cfg) -> str:
-    """The norm as reports name it: bn, gn_ws, nf_agc (adaptive gradient clipping on); a user's
-    layer by its target and options, my_pkg.MyNorm(momentum=0.05)_ws."""
+    """The norm as reports name it: bn, gn_ws, nf_agc (adaptive gradient clipping on at the
+    authors' lambda and eps; other values follow: nf_agc(lambda=0.02)); a user's layer by its
+    target and options, my_pkg.MyNorm(momentum=0.05)_ws. AGC is part of the method compared,
+    so reports take it from here, not from the recipe."""
+    from .agc import CLIPPING, EPS
     name = cfg.norm.name
     if name == CUSTOM:
         options = custom_options(cfg)
         name = str(cfg.norm.target) + (
             f"({', '.join(f'{k}={v}' for k, v in sorted(options.items()))})" if options else "")
-    return (name + ("_ws" if cfg.norm.ws else "")
-            + ("_agc" if cfg.optim.get("agc") is not None else ""))
+    name += "_ws" if cfg.norm.ws else ""
+    agc, eps = cfg.optim.get("agc"), cfg.optim.get("agc_eps", EPS)
+    if agc is None:
+        return name
+    own = [f"{key}={value:g}" for key, value, default in (("lambda", agc, CLIPPING),
+                                                          ("eps", eps, EPS)) if value != default]
+    return name + "_agc" + (f"({', '.join(own)})" if own else "")
 
 
 # ---------------------------------------------------------------- validation

@@ -60,10 +60,12 @@ LATER_COLUMNS = ("data_fingerprint", "recipe")
 # differ in any of these are reported apart (tables, ranking, panels), never averaged.
 PROTOCOL = ("data", "data_fingerprint", "epochs", "global_batch", "recipe")
 # Identity keys that are not the recipe: the axes a report compares (the norm and its options,
-# b, seed, how K devices are realised), the model (its own heading), the device (the same
-# maths, other rounding) and what the data's name and fingerprint state themselves.
+# adaptive gradient clipping, which the norm's label names: nf_agc; b, seed, how K devices are
+# realised), the model (its own heading), the device (the same maths, other rounding) and what
+# the data's name and fingerprint state themselves.
 NOT_RECIPE = ("model.arch", "model.depth", "trainer.devices", "trainer.virtual_devices",
-              "trainer.accumulate", "trainer.device", "trainer.epochs")
+              "trainer.accumulate", "trainer.device", "trainer.epochs", "optim.agc",
+              "optim.agc_eps")
 NOT_RECIPE_PREFIXES = ("norm.", "data.")
 # What engine.loop.make_summary adds to describe(); on wandb these live in run.summary.
 SUMMARY_KEYS = ("status", "test_acc", "best_test_acc", "test_loss", "train_loss",
@@ -107,19 +109,14 @@ class ReportError(Exception):
 # ------------------------------------------------------------------------------- loading
 
 
-# Keys that change nothing in the runs that hold them, so that runs recorded before the key
-# existed (which lack it) keep their recipe: AGC's floor where AGC is off.
-INERT = {"optim.agc_eps": lambda identity: identity.get("optim.agc") is None}
-
-
 def recipe(identity: dict) -> dict:
     """The training recipe in a run's identity (optimizer, augmentation, precision, ...): every
     dotted identity key but the axes and what other protocol columns say (NOT_RECIPE). A key
-    at None (an option left off, such as optim.agc) or inert (INERT) is as if absent: older
-    records, written before the key existed, have the same recipe."""
+    at None (an option left off) is as if absent: older records, written before the key
+    existed, have the same recipe."""
     return {k: v for k, v in sorted(identity.items()) if k == "data.augment" or (
         "." in k and k not in NOT_RECIPE and not k.startswith(NOT_RECIPE_PREFIXES)
-        and v is not None and not INERT.get(k, lambda _: False)(identity))}
+        and v is not None)}
 
 
 def recipe_digest(keys: dict) -> str | None:

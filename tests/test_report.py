@@ -275,14 +275,26 @@ def test_runs_of_another_protocol_are_never_averaged(tmp_path, capsys):
 
 def test_keys_added_later_at_their_off_value_keep_an_older_records_recipe():
     """The long study's cells from before AGC existed lack optim.agc and optim.agc_eps; later
-    cells hold agc=None (off) and agc_eps=0.001, inert without AGC: one recipe. AGC on, or a
-    real difference, is another."""
-    old = {"optim.lr": 0.1, "optim.momentum": 0.9}
+    cells hold agc=None (off) and agc_eps=0.001: one recipe. AGC is a method compared (its
+    label, nf_agc), not the recipe: on, it shares the others' protocol; a real difference in
+    the recipe does not."""
+    old = {"optim.lr": 0.1, "optim.momentum": 0.9, "optim.foo": None}
     later = {**old, "optim.agc": None, "optim.agc_eps": 0.001}
-    assert report.recipe_digest(report.recipe(later)) == report.recipe_digest(report.recipe(old))
-    for other in ({**later, "optim.agc": 0.01}, {**later, "optim.lr": 0.05}):
-        assert report.recipe_digest(report.recipe(other)) != \
-            report.recipe_digest(report.recipe(old))
+    same = report.recipe_digest(report.recipe(old))
+    for other in (later, {**later, "optim.agc": 0.01}, {**later, "optim.agc_eps": 0.01}):
+        assert report.recipe_digest(report.recipe(other)) == same
+    assert report.recipe_digest(report.recipe({**later, "optim.lr": 0.05})) != same
+
+
+def test_agc_is_named_in_the_label_with_any_value_not_the_authors():
+    from conftest import make_cfg
+    from engine.config import norm_label
+    assert norm_label(make_cfg("norm=nf")) == "nf"
+    assert norm_label(make_cfg("norm=nf_agc")) == "nf_agc"
+    assert norm_label(make_cfg("norm=nf", "optim.agc=0.01")) == "nf_agc"
+    assert norm_label(make_cfg("norm=nf_agc", "optim.agc=0.02")) == "nf_agc(lambda=0.02)"
+    assert norm_label(make_cfg("norm=bn", "optim.agc=0.02", "optim.agc_eps=1e-4")) == \
+        "bn_agc(lambda=0.02, eps=0.0001)"
 
 
 def test_an_older_csv_without_fingerprint_or_recipe_joins_the_one_protocol_it_fits(tmp_path):
