@@ -74,14 +74,14 @@ FINISHED = ("completed", "diverged")
 RUN_FILES = ("summary.json", "metrics.jsonl", "config.yaml")  # any one: a run has started
 SKIP_DIRS = {".submitit", "wandb", "checkpoints", ".hydra"}
 NORM_ORDER = ("bn", "syncbn", "gn", "ln", "in", "bcn", "brn", "frn", "evonorm_b0", "evonorm_s0",
-              "mabn", "online", "nf", "none")
+              "mabn", "cbn", "online", "nf", "none")
 # A norm's colour and marker, fixed whichever norms a report holds; _ws dashes the line, the
 # per-device-statistics ablation dots it.
 STYLE = {"bn": ("#1f77b4", "o"), "syncbn": ("#17becf", "v"), "gn": ("#2ca02c", "s"),
          "ln": ("#bcbd22", "P"), "in": ("#8c564b", "X"), "bcn": ("#d62728", "D"),
          "brn": ("#ff7f0e", "^"), "frn": ("#9467bd", "h"), "evonorm_b0": ("#e377c2", "<"),
          "evonorm_s0": ("#7f7f7f", ">"), "mabn": ("#000000", "*"), "none": ("#aec7e8", "."),
-         "nf": ("#98df8a", "p"), "online": ("#ff9896", "d")}
+         "nf": ("#98df8a", "p"), "online": ("#ff9896", "d"), "cbn": ("#c5b0d5", "8")}
 INT_COLUMNS = ("depth", "batch_size_per_device", "devices", "virtual_devices", "accumulate",
                "global_batch", "epochs", "seed", "epochs_completed")
 FLOAT_COLUMNS = ("test_acc", "best_test_acc", "test_error", "test_loss", "train_loss",
