@@ -19,6 +19,7 @@ A schedule is a number of epochs (the short study: 4 epochs on 20k images; the l
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -94,6 +95,24 @@ def convergence_table(rows: list[dict], min_schedules: int = 1) -> str:
     return "\n\n".join(parts) + "\n" if parts else f"No cell ran on {min_schedules} schedules.\n"
 
 
+def epoch_errors(run_dir: str) -> list[tuple[float, float]]:
+    """(epoch, test error %) of each evaluated epoch in the run's metrics.jsonl; a file that
+    is not a record (a FIFO, a folder, broken JSON, numbers of another kind) is one line on
+    stderr and no curve."""
+    try:
+        lines = RunRecord(run_dir).read_metrics()
+        points = [(m["epoch"], m["test_acc"]) for m in lines
+                  if isinstance(m, dict) and "test_acc" in m]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                   for point in points for v in point):
+            raise ValueError("an epoch or test_acc that is not a finite number")
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, RecursionError) as e:
+        print(f"convergence: no curve for {run_dir} ({str(e).splitlines()[0]})",
+              file=sys.stderr)
+        return []
+    return [(epoch, 100 - acc) for epoch, acc in points]
+
+
 def plot_curves(rows: list[dict], path: Path) -> int:
     """Test error against epoch, a line per run with a metrics.jsonl; returns the lines drawn."""
     import matplotlib
@@ -103,8 +122,7 @@ def plot_curves(rows: list[dict], path: Path) -> int:
 
     panels: dict[tuple, list] = {}
     for row in rows:
-        metrics = RunRecord(row["run_dir"]).read_metrics() if Path(row["run_dir"]).is_dir() \
-            else []
+        metrics = epoch_errors(row["run_dir"]) if Path(row["run_dir"]).is_dir() else []
         if metrics:
             panels.setdefault((row["model"], row["depth"]), []).append((row, metrics))
     if not panels:
@@ -115,7 +133,7 @@ def plot_curves(rows: list[dict], path: Path) -> int:
         for row, metrics in sorted(runs, key=lambda rm: (cell_name(rm[0]), rm[0]["epochs"],
                                                          rm[0]["seed"])):
             look = style(label(row))
-            ax.plot([m["epoch"] for m in metrics], [100 - m["test_acc"] for m in metrics],
+            ax.plot(*zip(*metrics),
                     color=look["color"], ls=look["ls"], marker=look["marker"], markersize=3,
                     lw=1.2 if row["batch_size_per_device"] == 1 else 2.2,
                     label=f"{label(row)} b={row['batch_size_per_device']} "

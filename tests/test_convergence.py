@@ -118,3 +118,22 @@ def test_bad_input_is_one_line(study, tmp_path, capsys, args, message):
     assert convergence.main([str(study), "--out", str(tmp_path / "o"), *args]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("spoil,reason", [
+    (lambda p: (p.unlink(), __import__("os").mkfifo(p)), "is a FIFO"),
+    (lambda p: (p.unlink(), p.mkdir()), "is a folder"),
+    (lambda p: p.write_text('{"epoch": 1, "test_acc": 5'), "Expecting"),
+    (lambda p: p.write_text('{"epoch": 1, "test_acc": "high"}\n'), "not a finite number"),
+    (lambda p: p.write_text('{"epoch": 1, "test_acc": NaN}\n'), "not a finite number"),
+    (lambda p: p.write_text('{"test_acc": 50}\n'), "'epoch'"),
+])
+def test_a_metrics_file_that_is_not_a_record_loses_its_curve_not_the_report(study, tmp_path,
+                                                                           capsys, spoil, reason):
+    run = study / "e20" / "gn_b1_s0"
+    spoil(run / "metrics.jsonl")
+    out = tmp_path / "out"
+    assert convergence.main([str(study), "--out", str(out)]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "no curve" in line]
+    assert len(err) == 1 and str(run) in err[0] and reason in err[0]
+    assert (out / "curves.png").stat().st_size > 0 and (out / "convergence.md").exists()
