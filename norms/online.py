@@ -41,6 +41,8 @@ layer scaling, eps 1e-5 (their ls_eps is the same 1e-5: one eps serves both here
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -124,15 +126,23 @@ class LayerScaling(torch.autograd.Function):
         return torch.addcmul(g, z, proj, value=-1).mul_(r), None
 
 
+@functools.lru_cache(maxsize=64)
+def decay_weights(b: int, alpha: float, dtype: torch.dtype, device: torch.device):
+    """alpha^t [b+1, 1] and the lower-triangular alpha^(t-1-j) [b+1, b] of `decayed`: the same
+    few for a whole run (one per layer's alpha and b), so made once, not in every forward."""
+    t = torch.arange(b + 1, dtype=torch.float64)
+    lag = t.view(-1, 1) - 1 - t[:b]                                   # [b+1, b]: (t - 1) - j
+    w = torch.where(lag >= 0, alpha ** lag.clamp(min=0), 0.0)
+    return (alpha ** t).view(-1, 1).to(dtype=dtype, device=device), w.to(dtype=dtype,
+                                                                         device=device)
+
+
 def decayed(s0: torch.Tensor, c: torch.Tensor, alpha: float):
     """The stream s_t = alpha s_{t-1} + c_t over the b inputs c [K, b, C] from s0 [K, C], all at
     once: s_t = alpha^t s0 + sum_{j<=t} alpha^(t-j) c_j. Returns the states before each input
     [K, b, C] and the last state [K, C]."""
-    b = c.shape[1]
-    t = torch.arange(b + 1, dtype=c.dtype, device=c.device)
-    lag = t.view(-1, 1) - 1 - t[:b]                                   # [b+1, b]: (t - 1) - j
-    w = torch.where(lag >= 0, alpha ** lag.clamp(min=0), 0.0)
-    s = (alpha ** t).view(-1, 1) * s0.unsqueeze(1) + torch.einsum("tj,kjc->ktc", w, c)
+    powers, w = decay_weights(c.shape[1], alpha, c.dtype, c.device)
+    s = torch.baddbmm(powers * s0.unsqueeze(1), w.expand(len(c), -1, -1), c)
     return s[:, :-1], s[:, -1]
 
 
