@@ -32,9 +32,12 @@
 # skipped, interrupted ones continue from their last epoch's checkpoint. Norms that cannot
 # depend on b (gn, ln, in, synchronised bcn) get only a few b values. LOGGER sets logger.mode
 # (default disabled). DRY_RUN=1 prints each cell's folder and overrides instead of running it.
-# COMMITTED names a folder of records already in the repository, laid out like OUT (default for
-# STUDY=long: results/microbatch_long/runs): a cell whose summary.json there says "completed"
-# is skipped, so a study that spans sessions (each with a fresh OUT) never re-runs a landed cell.
+# COMMITTED names a folder of records already in the repository, laid out like OUT (default:
+# results/microbatch/runs, for STUDY=long results/microbatch_long/runs): a cell whose
+# summary.json there says "completed" is skipped, so a study that spans sessions (each with a
+# fresh OUT) never re-runs a landed cell (scripts/land_study.sh lands them). The short study's
+# cells from before records were landed (2026-11-24 and -30) are rows of
+# results/microbatch/runs_2026-11-30.csv only, and would run again.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 STUDY=${STUDY:-short}
@@ -46,6 +49,7 @@ case "$STUDY" in
   *) echo "STUDY=$STUDY: allowed: short, long" >&2; exit 2 ;;
 esac
 OUT=$(realpath -m "${1:-$DEFAULT_OUT}")
+DEFAULT_COMMITTED=$HERE/results/microbatch/runs
 [ "$STUDY" = long ] && DEFAULT_COMMITTED=$HERE/results/microbatch_long/runs
 export COMMITTED=${COMMITTED:-${DEFAULT_COMMITTED:-}}
 export PY=${PYTHON:-$HERE/.venv/bin/python} HERE OUT STUDY
