@@ -184,6 +184,9 @@ run_cell() {  # one folder per cell: OUT/resnet20/bn_b1_s0, OUT/resnet20/bcn_ws_
   if [ -n "${DRY_RUN:-}" ]; then
     echo "$dir" $COMMON "$@" $(study_overrides "$@"); return
   fi
+  if grep -qs '"status": "completed"' "$dir/summary.json"; then
+    echo "done   $* (finished earlier in $OUT)"; return  # its console.log stays as it was
+  fi
   mkdir -p "$dir"
   if "$PY" "$HERE/train.py" $COMMON "$@" $(study_overrides "$@") "hydra.run.dir=$dir" \
       > "$dir/console.log" 2>&1; then
