@@ -446,3 +446,24 @@ def test_the_long_study_queues_its_cells_in_the_issues_order_on_the_long_schedul
         if cfg.norm.name == "mabn":
             assert opts["renorm_from"] == 100
     assert sum(f.endswith("_e40") for f in cells) == 4
+
+
+def test_the_queue_does_not_start_a_cell_finished_earlier_in_its_folder(tmp_path):
+    """Re-running a queue over its own OUT: a finished cell is reported, not run again (its
+    console.log kept); an unfinished one runs (here PYTHON fails, so it is reported FAILED)."""
+    import os
+    import subprocess
+
+    from conftest import ROOT
+    done = tmp_path / "resnet20" / "nf_b2_s0"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text(json.dumps({"status": "completed"}))
+    (done / "console.log").write_text("the first run's log")
+    env = {**os.environ, "CIFAR10_ROOT": "/data/cifar10", "PYTHON": "/bin/false",
+           "COMMITTED": "/nonexistent", "JOBS": "1",
+           "SELECT": "model=resnet .* norm=nf batch_size_per_device=(2|64) "}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "microbatch_study.sh"), str(tmp_path)],
+                         env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [line.split()[0] for line in out] == ["FAILED", "done"]
+    assert out[1].endswith(f"(finished earlier in {tmp_path})")
+    assert (done / "console.log").read_text() == "the first run's log"
