@@ -237,7 +237,11 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         devices `rows` and every slot: [K, k-1, C] each."""
         conv, past = self.conv, self.window - 1
         weight = conv.weight.detach().to(dtype)
-        delta = weight.flatten() - self.window_theta                         # [k-1, |theta|]
+        # an empty slot's theta is the current one: no change, and WS's jvp is taken at a
+        # weight it is defined at (at theta = 0 its std is 0: NaN, which masking cannot undo)
+        theta = torch.where(self.window_step.view(-1, 1) > 0, self.window_theta.to(dtype),
+                            weight.flatten())
+        delta = weight.flatten() - theta                                     # [k-1, |theta|]
         if self.dense:
             delta = delta.view(1, past, len(weight), -1)                     # per filter
             return (torch.linalg.vecdot(self.window_dmu[rows].flatten(3), delta),
@@ -245,7 +249,7 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         # factored: conv(P, W^ change) over the old inputs, the slots as convolution groups
         delta = delta.view(past * len(weight), *weight.shape[1:])
         if isinstance(conv, WSConv2d):  # W^'s change: WS's jvp at theta_{t-tau}
-            delta = standardize_jvp(conv, self.window_theta.view_as(delta).to(dtype), delta)
+            delta = standardize_jvp(conv, theta.view_as(delta), delta)
         x_old, y_old = self.window_x[rows], self.window_y[rows]         # [K, k-1, b, C, H, W]
         if x_old.dim() == 3:  # nothing recorded yet (no burn-in): no old entries to move
             return (torch.zeros_like(self.window_mu[rows]),) * 2

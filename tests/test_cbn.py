@@ -283,3 +283,30 @@ def test_cbn_window_form_follows_its_size_and_survives_a_checkpoint():
     for u, up, dtheta in steps[3:]:
         torch.testing.assert_close(run(b, u, up), run(a, u, up))
         move(a, dtheta), move(b, dtheta)
+
+
+def test_cbn_both_forms_train_a_model_alike():
+    """A whole net (VGG-11: plain convs, 1-8 channels' widths, 2x2 maps at the end) trained a
+    few SGD steps with every window dense, then every window factored: the same logits."""
+    from models import build_model
+
+    def logits(dense_bytes):
+        torch.manual_seed(0)
+        net = build_model("vgg", 11, norm="cbn", ws=True, window=3, burnin=1).to(DT)
+        for m in net.modules():
+            if hasattr(m, "dense_bytes"):
+                m.dense_bytes = dense_bytes
+        configure_devices(net, virtual_devices=2)
+        assert all(m.dense == (dense_bytes > 0) for m in net.modules() if hasattr(m, "dense"))
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+        gen = torch.Generator().manual_seed(1)
+        out = []
+        for _ in range(5):
+            x = torch.randn(4, 3, 32, 32, generator=gen, dtype=DT)
+            y = net(x)
+            opt.zero_grad()
+            F.cross_entropy(y, torch.arange(4)).backward()
+            opt.step()
+            out.append(y.detach())
+        return torch.stack(out)
+    torch.testing.assert_close(logits(0), logits(2**40), rtol=1e-9, atol=1e-9)
