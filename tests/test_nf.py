@@ -365,7 +365,7 @@ def test_presets_select_nf_and_agc_and_reports_name_them():
     from engine.config import norm_label, norm_options, validate
     for overrides, label, agc in ((["norm=nf"], "nf", None), (["norm=nf_agc"], "nf_agc", 0.01),
                                   (["norm=nf_agc", "model=vgg", "model.depth=11"], "nf_agc", 0.01),
-                                  (["norm=bn", "optim.agc=0.02"], "bn_agc", 0.02)):
+                                  (["norm=bn", "optim.agc=0.02"], "bn_agc(lambda=0.02)", 0.02)):
         cfg = make_cfg(*overrides)
         validate(cfg)
         assert (norm_label(cfg), cfg.optim.agc, cfg.optim.agc_eps) == (label, agc, 1e-3)
