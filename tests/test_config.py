@@ -405,7 +405,7 @@ def test_select_keeps_the_matching_cells_of_the_queue():
 
     from conftest import ROOT
     env = {**os.environ, "DRY_RUN": "1", "CIFAR10_ROOT": "/data/cifar10", "SELECT": "norm=nf",
-           "JOBS": "1"}
+           "JOBS": "1", "COMMITTED": "/nonexistent"}  # the landed cells would be skipped
     out = subprocess.run(["bash", str(ROOT / "scripts" / "microbatch_study.sh"), "/q"], env=env,
                          capture_output=True, text=True, check=True)
     assert [line.split()[0] for line in out.stdout.splitlines()] == [

@@ -407,7 +407,7 @@ def test_the_microbatch_experiment_and_the_study_queue_take_a_target(tmp_path):
                          ("long", ["resnet20/custom-BatchInstanceNorm_b1_s0",
                                    "resnet20/custom-BatchInstanceNorm_b64_s0"])):
         env = {**os.environ, "STUDY": study, "DRY_RUN": "1", "CIFAR10_ROOT": "/data/cifar10",
-               "COMMITTED": "", "JOBS": "1", "NORM_TARGET": EXAMPLE}
+               "COMMITTED": "/nonexistent", "JOBS": "1", "NORM_TARGET": EXAMPLE}
         out = subprocess.run(["bash", str(ROOT / "scripts" / "microbatch_study.sh"), "/q"],
                              env=env, capture_output=True, text=True, check=True)
         lines = [line.split() for line in out.stdout.splitlines()]
