@@ -14,8 +14,8 @@ Prints a table and, with --out, writes DIR/bench.json and DIR/table.md. The figu
                          evonorm_s0)
                       (goal <= 2.0 brn, frn, evonorm_s0; <= 3.0 evonorm_b0, mabn, online)
                          cbn with the 3x3 conv before it, its window full (k = 8), against
-                         the same conv + F.batch_norm: cbn's extra work is two weight-gradient
-                         convolutions (2/3 of the conv's fwd+bwd) and the compensation
+                         the same conv + F.batch_norm: cbn's extra work is one weight-gradient
+                         convolution (nu's; mu's is one filter's) and the compensation
                                                                                  (goal <= 2.0)
                          --target: your layer (norm=custom's target and options) instead,
                          against F.batch_norm if it is batch-dependent, else F.group_norm
