@@ -28,11 +28,15 @@ every filter, so it is one filter's, of the device's mean image. With WS, W^ = W
 the chain through the standardisation by its own backward. This is the derivative the authors'
 autograd.grad computes, per device instead of summed over the batch.
 
-Departures from the authors' CBN.py, each on purpose: eps inside the square root; the paper's
-per-entry floor instead of dropping entries with negative variance; entries recorded from the
-last k-1 burn-in iterations so the window is full when it starts; running statistics (for eval)
-move toward the window's (mu_bar, sigma^2) that training normalises with, not the current
-batch's; history in buffers (checkpointed, per device, gathered like MABN's), not lists.
+Departures from the authors' CBN.py, each on purpose: eps inside the square root (their
+`out_p=True`); the paper's per-entry floor instead of dropping entries with negative variance;
+entries recorded from the last k-1 burn-in iterations so the window is full when it starts;
+the burn-in's plain BN divides by the biased variance, as BN does (theirs by the unbiased);
+running statistics (for eval) move toward the window's (mu_bar, sigma^2) that training
+normalises with, not the current batch's; history in buffers (checkpointed, per device,
+gathered like MABN's), not lists. Beside their layer, from the iteration both windows hold the
+same entries on, outputs and gradients agree to float64 rounding, dense and factored
+(scripts/check_cbn_reference.py, given their CBN.py).
 
 State per device d (rows as in norms/devices.py): mu, nu [D, k-1, C], and what the
 compensation needs, in one of two exact forms, whichever fits:

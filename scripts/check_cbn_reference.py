@@ -7,7 +7,7 @@ Cross-iterationBatchNorm; not vendored here). Both layers sit after their own co
 and see the same inputs and the same conv weights at every iteration, the weights following a
 fixed random walk (an optimizer would let a first difference change every later step). The
 authors' layer with `out_p=True` (eps inside the square root, as here) and `burnin`, our layer
-with window k = buffer_num + 1 and the same burn-in.
+with window k = buffer_num + 1 and the same burn-in, its window dense or (--factored) factored.
 
 The two differ on purpose where their windows fill: the authors' starts recording after the
 burn-in, ours records its last k - 1 iterations so the window is full when it starts. So from
@@ -66,6 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--iterations", type=int, default=14)
     p.add_argument("--step", type=float, default=1e-2, help="size of the weights' walk")
     p.add_argument("--tol", type=float, default=1e-10)
+    p.add_argument("--factored", action="store_true",
+                   help="our window in its factored form (the conv's inputs and outputs)")
     a = p.parse_args(argv)
     if not a.reference.is_file():
         print(f"error: reference={a.reference} is not a file; allowed: the path of the "
@@ -83,6 +85,9 @@ def main(argv=None) -> int:
     conv_ours = conv_cls(c_in, c, 3, padding=1, bias=False).to(dt)
     ours = build_norm("cbn", c, conv=link.take(), window=a.window, burnin=a.burnin,
                       eps=1e-5).to(dt)
+    ours.dense_bytes = 0 if a.factored else 2**40
+    ours.devices_changed()  # re-sizes the window in the form asked for
+    assert ours.dense != a.factored
     with torch.no_grad():
         conv_ours.weight.copy_(conv_ref.weight)
         ours.weight.copy_(theirs.weight)   # theirs starts gamma uniform in [0, 1)
