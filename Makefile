@@ -4,6 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+TEST_JOBS ?= 2   # pytest-xdist workers for make test (this project's CPU has 2 cores)
 
 .PHONY: setup train test test-slow test-all gpu-check clean
 
@@ -18,7 +19,7 @@ train: $(STAMP)  ## make train ARGS="norm=bcn_ws batch_size_per_device=1"
 	$(BIN)/python train.py $(ARGS)
 
 test: $(STAMP)  ## the default suite (real-data tests run when ../shared/data is present)
-	$(BIN)/python -m pytest -m "not slow" --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_JOBS) -m "not slow" --durations=15 $(ARGS)
 
 test-slow: $(STAMP)  ## long tests: real training runs
 	$(BIN)/python -m pytest -m slow $(ARGS) || [ $$? -eq 5 ]  # 5: none marked slow

@@ -13,6 +13,10 @@ SHARED_TAR = ROOT.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 register()
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # make test: a worker per core; torch's own threads
+    import torch                            # would then contend for the same cores
+    torch.set_num_threads(1)
+
 
 def make_cfg(*overrides: str):
     """Compose configs/ with Hydra's compose API, as train.py would."""
