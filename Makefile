@@ -4,7 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
-TEST_JOBS ?= 2   # pytest-xdist workers for make test (this project's CPU has 2 cores)
+# pytest-xdist workers for make test (this project's CPU has 2 cores; TEST_JOBS=1: serial)
+TEST_JOBS ?= 2
 
 .PHONY: setup train test test-slow test-all gpu-check clean
 
