@@ -38,16 +38,20 @@ gathered like MABN's), not lists. Beside their layer, from the iteration both wi
 same entries on, outputs and gradients agree to float64 rounding, dense and factored
 (scripts/check_cbn_reference.py, given their CBN.py).
 
+Both forms below take the first-order terms in W^'s change, W^_t - W^_{t-tau}: with WS to first
+order the standardisation's jvp at theta_{t-tau} applied to theta's change, (J^T g) . delta =
+g . (J delta), so the window never holds a derivative through WS.
+
 State per device d (rows as in norms/devices.py): mu, nu [D, k-1, C], and what the
 compensation needs, in one of two exact forms, whichever fits:
-- dense: the gradients d mu / d theta, d nu / d theta [D, k-1, *theta.shape]: one dot product a
-  step. D (k-1) 2 |theta| numbers: 1 GiB for VGG-11's 512-channel convs at D = 64.
+- dense: the gradients d mu / d W^ (one filter per group, the same for all of a group's) and
+  d nu / d W^, [D, k-1, fan-in x groups] and [D, k-1, |theta|]: one dot product a step.
+  D (k-1) (|theta| + fan-in) numbers: 0.5 GiB for VGG-11's 512-channel convs at D = 64.
 - factored, where the dense form of a layer would pass `dense_bytes` (256 MiB): the conv's input
   and output [D, k-1, b, C, H, W] of each entry; the same first-order terms come from one conv of
-  the old inputs with the weights' change, d mu . delta = mean_M(conv(P, W^ change)) and
-  d nu . delta = 2/M sum y conv(P, W^ change) (with WS, W^'s change is the standardisation's
-  jvp at theta_{t-tau}). k-1 forward convs a step instead of one dot product, but memory in
-  activations, not weights.
+  the old inputs with W^'s change, d mu . delta = mean_M(conv(P, delta)) and
+  d nu . delta = 2/M sum y conv(P, delta). k-1 forward convs a step instead of one dot
+  product, but memory in activations, not weights.
 theta's history and the step of each slot are shared (every device steps together with the
 same weights). Counting optimizer steps makes K virtual devices, K processes and K
 accumulation micro-steps the same computation.
@@ -64,8 +68,9 @@ from .ws import WSConv2d
 
 def statistic_gradients(conv: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor,
                         devices: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """d mu / d theta and d nu / d theta per device, [K, *theta.shape] each, for the conv's
-    input `inp` [K*b, C_in, *] and its output `out` [K*b, C_out, *]."""
+    """d mu / d W^ and d nu / d W^ per device, W^ the weight the conv applies (WS's output for a
+    WSConv2d), for the conv's input `inp` [K*b, C_in, *] and its output `out` [K*b, C_out, *]:
+    [K, groups, fan-in] (mu's is the same for every filter of a group) and [K, *W^.shape]."""
     b = inp.shape[0] // devices
     m = b * out[0, 0].numel()
     # [K*b, C, *] -> [b, K*C, *]: the devices side by side as convolution groups
@@ -74,16 +79,11 @@ def statistic_gradients(conv: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor,
     w, groups = conv.weight, devices * conv.groups
     grad = lambda x, cot: torch.nn.grad.conv2d_weight(  # noqa: E731
         x, (cot.shape[1], *w.shape[1:]), cot, conv.stride, conv.padding, conv.dilation, groups)
-    # d mu_c / d W^_c = mean_M(P) is the same for every filter of a group, and linear in the
-    # input: one filter per group, from the device's mean image
+    # d mu_c / d W^_c = mean_M(P) is linear in the input: one filter per group, from the
+    # device's mean image
     g_mu = grad(xi.mean(0, keepdim=True), y.new_full((1, groups, *y.shape[2:]), b / m))
-    g = torch.cat([g_mu.repeat_interleave(w.shape[0] // conv.groups, 0), grad(xi, y * (2 / m))])
-    if isinstance(conv, WSConv2d):  # through W^ = WS(theta), per filter: theta repeated 2K times
-        with torch.enable_grad():
-            theta = w.detach().to(g.dtype).repeat(2 * devices, 1, 1, 1).requires_grad_(True)
-            (g,) = torch.autograd.grad(conv.standardize(theta), theta, g)
-    g_mu, g_nu = g.view(2, devices, *w.shape).unbind(0)
-    return g_mu, g_nu
+    g_nu = grad(xi, y * (2 / m))
+    return g_mu.view(devices, conv.groups, -1), g_nu.view(devices, *w.shape)
 
 
 DENSE_BYTES = 2**28  # a layer whose gradient window would be larger keeps activations instead
@@ -103,7 +103,7 @@ def standardize_jvp(conv: WSConv2d, theta: torch.Tensor, tangent: torch.Tensor) 
 
 
 class CrossIterationBatchNorm(DeviceAware, nn.Module):
-    per_device_buffers = ("window_mu", "window_nu", "window_dmu", "window_dnu") + FACTORED
+    per_device_buffers = ("window_mu", "window_nu", "window_gmu", "window_gnu") + FACTORED
 
     def __init__(self, num_channels: int, conv: nn.Conv2d | None = None, window: int = 8,
                  burnin: int = 0, eps: float = 1e-5, momentum: float = 0.1,
@@ -130,11 +130,10 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         past, shape = window - 1, conv.weight.shape
         self.register_buffer("window_mu", torch.zeros(1, past, num_channels))
         self.register_buffer("window_nu", torch.zeros(1, past, num_channels))
-        self.register_buffer("window_dmu", torch.zeros(1, past, *shape))
-        self.register_buffer("window_dnu", torch.zeros(1, past, *shape))
-        for name in FACTORED:
+        # every window flat per entry: a 4-d buffer would be permuted by
+        # model.to(memory_format=channels_last); sized in devices_changed
+        for name in ("window_gmu", "window_gnu") + FACTORED:
             self.register_buffer(name, torch.zeros(1, past, 0))
-        # flat [k-1, fan-in x C]: a 5-d buffer would break model.to(memory_format=channels_last)
         self.register_buffer("window_theta", torch.zeros(past, shape.numel()))
         self.register_buffer("window_step", torch.zeros(past, dtype=torch.long))  # 0: empty
         self.register_buffer("running_mean", torch.zeros(num_channels))
@@ -154,14 +153,17 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
     @property
     def dense(self) -> bool:
         """Which form the window holds (see the module's docstring): the buffers say."""
-        return self.window_dmu.dim() > 3
+        return self.window_gnu.shape[-1] > 0
 
     def devices_changed(self) -> None:
-        """Empty windows for D devices, dense if D (k-1) 2 |theta| fits `dense_bytes`."""
+        """Empty windows for D devices, dense if D (k-1) (|theta| + fan-in) fits `dense_bytes`."""
         d, past, shape = self.num_devices(), self.window - 1, self.conv.weight.shape
-        dense = d * past * 2 * shape.numel() * self.window_mu.element_size() <= self.dense_bytes
+        mu_size = self.conv.groups * shape[1:].numel()
+        size = d * past * (shape.numel() + mu_size) * self.window_mu.element_size()
+        dense = size <= self.dense_bytes
         sizes = {"window_mu": (self.num_channels,), "window_nu": (self.num_channels,),
-                 "window_dmu": shape if dense else (0,), "window_dnu": shape if dense else (0,),
+                 "window_gmu": (mu_size if dense else 0,),
+                 "window_gnu": (shape.numel() if dense else 0,),
                  "window_x": (0,), "window_y": (0,)}
         for name, size in sizes.items():
             buf = getattr(self, name)
@@ -170,7 +172,7 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a checkpoint's windows keep their form and, factored, the batch's shape
-        for name in ("window_dmu", "window_dnu") + FACTORED:
+        for name in ("window_gmu", "window_gnu") + FACTORED:
             saved = state_dict.get(prefix + name)
             if isinstance(saved, torch.Tensor) and saved.shape != getattr(self, name).shape:
                 setattr(self, name, getattr(self, name).new_zeros(saved.shape))
@@ -237,7 +239,7 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         return in_layout_of(y.flatten(0, 1).to(x.dtype), x)
 
     def _compensation(self, rows: slice, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first-order terms d mu . (theta_t - theta_{t-tau}) and the same for nu, for the
+        """The first-order terms d mu / d W^ . (W^_t - W^_{t-tau}) and the same for nu, for the
         devices `rows` and every slot: [K, k-1, C] each."""
         conv, past = self.conv, self.window - 1
         weight = conv.weight.detach().to(dtype)
@@ -245,15 +247,17 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         # weight it is defined at (at theta = 0 its std is 0: NaN, which masking cannot undo)
         theta = torch.where(self.window_step.view(-1, 1) > 0, self.window_theta.to(dtype),
                             weight.flatten())
-        delta = weight.flatten() - theta                                     # [k-1, |theta|]
-        if self.dense:
-            delta = delta.view(1, past, len(weight), -1)                     # per filter
-            return (torch.linalg.vecdot(self.window_dmu[rows].flatten(3), delta),
-                    torch.linalg.vecdot(self.window_dnu[rows].flatten(3), delta))
-        # factored: conv(P, W^ change) over the old inputs, the slots as convolution groups
-        delta = delta.view(past * len(weight), *weight.shape[1:])
+        delta = (weight.flatten() - theta).view(past * len(weight), *weight.shape[1:])
         if isinstance(conv, WSConv2d):  # W^'s change: WS's jvp at theta_{t-tau}
             delta = standardize_jvp(conv, theta.view_as(delta), delta)
+        if self.dense:  # per slot and filter, mu's gradient shared by a group's filters
+            g = conv.groups
+            delta = delta.view(past, g, len(weight) // g, -1)                # [k-1, G, C/G, F]
+            g_mu = self.window_gmu[rows].unflatten(2, (g, -1))               # [K, k-1, G, F]
+            g_nu = self.window_gnu[rows].view(-1, past, *delta.shape[1:])  # [K, k-1, G, C/G, F]
+            return (torch.einsum("ksgf,sgcf->ksgc", g_mu, delta).flatten(2),
+                    torch.einsum("ksgcf,sgcf->ksgc", g_nu, delta).flatten(2))
+        # factored: conv(P, W^ change) over the old inputs, the slots as convolution groups
         x_old, y_old = self.window_x[rows], self.window_y[rows]         # [K, k-1, b, C, H, W]
         if x_old.dim() == 3:  # nothing recorded yet (no burn-in): no old entries to move
             return (torch.zeros_like(self.window_mu[rows]),) * 2
@@ -274,8 +278,8 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         self.window_nu[rows, slot] = (var_t + mu_t.square()).detach()
         if self.dense:
             g_mu, g_nu = statistic_gradients(self.conv, inp, x, k)
-            self.window_dmu[rows, slot] = g_mu
-            self.window_dnu[rows, slot] = g_nu
+            self.window_gmu[rows, slot] = g_mu.flatten(1)
+            self.window_gnu[rows, slot] = g_nu.flatten(1)
         else:
             for name, value in zip(FACTORED, (inp, x)):
                 value = value.unflatten(0, (k, -1))                              # [K, b, C, H, W]

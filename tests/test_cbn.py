@@ -134,10 +134,17 @@ def test_cbn_steps_match_the_paper(devices, ws, factored):
     torch.testing.assert_close(norm.running_var, running[1])
     assert int(norm.steps) == 8
     for d, ref in enumerate(refs):  # the window holds the last k-1 = 2 entries
-        last = ref.history[-2:]
-        torch.testing.assert_close(norm.window_mu[d].sum(0), sum(h[0] for h in last))
-        if not factored:
-            torch.testing.assert_close(norm.window_dnu[d].sum(0), sum(h[3] for h in last))
+        for mu, _, dmu, dnu, theta, t in ref.history[-2:]:
+            torch.testing.assert_close(norm.window_mu[d, t % 2], mu)
+            if not factored:  # d / d W^, through WS by its vjp at that entry's theta
+                g_mu = norm.window_gmu[d, t % 2].view(1, *theta.shape[1:]).expand_as(theta)
+                g_nu = norm.window_gnu[d, t % 2].view_as(theta)
+                if ws:
+                    th = theta.clone().requires_grad_(True)
+                    g_mu, g_nu = (torch.autograd.grad(Standardize.apply(th, 1e-5), th, g)[0]
+                                  for g in (g_mu, g_nu))
+                torch.testing.assert_close(g_mu, dmu)
+                torch.testing.assert_close(g_nu, dnu)
     net.eval()
     u = data(1, 2)[0][0]
     want = F.batch_norm(net[0](u), running[0], running[1], norm.weight, norm.bias, False, 0,
@@ -226,12 +233,16 @@ def test_cbn_closed_form_derivatives_are_autograd_per_device():
         conv = conv.to(DT)
         u = torch.randn(6, conv.in_channels, 5, 5, generator=gen, dtype=DT)
         g_mu, g_nu = statistic_gradients(conv, u, conv(u).detach(), 3)
+        w_hat = conv.standardize(conv.weight) if isinstance(conv, WSConv2d) else conv.weight
+        w_hat = w_hat.detach().requires_grad_(True)  # the weight the conv applies
         for d, ud in enumerate(u.chunk(3)):
-            x = conv(ud)
-            want = torch.autograd.grad(x.mean((0, 2, 3)).sum(), conv.weight)[0]
-            torch.testing.assert_close(g_mu[d], want)
-            x = conv(ud)
-            want = torch.autograd.grad((x * x).mean((0, 2, 3)).sum(), conv.weight)[0]
+            x = F.conv2d(ud, w_hat, conv.bias, conv.stride, conv.padding, 1, conv.groups)
+            want = torch.autograd.grad(x.mean((0, 2, 3)).sum(), w_hat)[0]
+            # one filter per group: every filter of the group has it
+            torch.testing.assert_close(g_mu[d].repeat_interleave(C // conv.groups, 0),
+                                       want.flatten(1))
+            x = F.conv2d(ud, w_hat, conv.bias, conv.stride, conv.padding, 1, conv.groups)
+            want = torch.autograd.grad((x * x).mean((0, 2, 3)).sum(), w_hat)[0]
             torch.testing.assert_close(g_nu[d], want)
 
 
@@ -247,7 +258,7 @@ def test_cbn_models_link_each_norm_to_the_conv_before_it():
             assert max(j for j, m in enumerate(mods[:i]) if isinstance(m, nn.Conv2d)) == \
                 next(j for j, m in enumerate(mods) if m is n.conv)
     assert all(type(n.conv) is WSConv2d for n in build_model("resnet", 20, norm="cbn", ws=True)
-               .modules() if hasattr(n, "window_dmu"))
+               .modules() if hasattr(n, "window_gnu"))
 
 
 def test_cbn_impossible_set_ups_are_one_line():
@@ -263,14 +274,14 @@ def test_cbn_impossible_set_ups_are_one_line():
 
 
 def test_cbn_window_form_follows_its_size_and_survives_a_checkpoint():
-    """Dense where D (k-1) 2 |theta| fits 256 MiB (every ResNet-20 layer at 64 devices), the
-    activations where it would not (VGG-11's wide convs: 1 GiB each); a factored window saved
+    """Dense where D (k-1) (|theta| + fan-in) fits 256 MiB (every ResNet-20 layer at 64 devices),
+    the activations where it would not (VGG-11's wide convs: 0.5 GiB each); a factored window saved
     mid-run loads into a fresh layer, which then continues exactly."""
     from models import build_model
     for arch, depth, factored in (("resnet", 20, set()), ("vgg", 11, {256, 512})):
         net = build_model(arch, depth, norm="cbn")
         configure_devices(net, virtual_devices=64)
-        norms = [m for m in net.modules() if hasattr(m, "window_dmu")]
+        norms = [m for m in net.modules() if hasattr(m, "window_gnu")]
         assert {n.num_channels for n in norms if not n.dense} == factored
         assert sum(b.numel() for n in norms for b in n.buffers()) * 4 < 2**30
     a, b = pair(factored=True), pair(factored=True)
