@@ -51,7 +51,7 @@ def load_reference(path: Path):
     spec = importlib.util.spec_from_file_location("authors_cbn", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.CBatchNorm2d
+    return getattr(module, "CBatchNorm2d", None)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -76,6 +76,10 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     dt, c_in, c, n = torch.float64, 3, 5, 4
     reference = load_reference(a.reference)
+    if reference is None:
+        print(f"error: reference={a.reference} defines no CBatchNorm2d; allowed: the path of "
+              "the authors' mmdet/models/utils/CBN.py", file=sys.stderr)
+        return 2
 
     conv_ref = nn.Conv2d(c_in, c, 3, padding=1, bias=False).to(dt)
     with cuda_is_cpu():

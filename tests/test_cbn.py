@@ -323,3 +323,20 @@ def test_cbn_both_forms_train_a_model_alike(monkeypatch):
             out.append(y.detach())
         return torch.stack(out)
     torch.testing.assert_close(logits(0), logits(2**40), rtol=1e-9, atol=1e-9)
+
+
+def test_cbn_reference_check_refuses_what_is_not_the_authors_layer(tmp_path, capsys):
+    """scripts/check_cbn_reference.py needs the authors' CBN.py (not vendored); anything else
+    is one line and exit 2."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "scripts" / "check_cbn_reference.py"
+    spec = importlib.util.spec_from_file_location("check_cbn_reference", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    (tmp_path / "other.py").write_text("x = 1\n")
+    for given, why in ((tmp_path / "missing.py", "is not a file"),
+                       (tmp_path / "other.py", "defines no CBatchNorm2d")):
+        assert script.main([str(given)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: reference={given} {why}" in err
