@@ -1,7 +1,7 @@
 """The benchmark suite: every figure is a ratio of two timings taken side by side.
 
     python scripts/bench.py [--out DIR] [--threads N] [--device cpu|cuda] [--repeats 7]
-                            [--only norm,ws,nf,agc,step,loader,virtual]
+                            [--only norm,ws,nf,agc,model,step,loader,virtual]
     python scripts/bench.py --only norm --target my_pkg.MyNorm [--options '{"eps": 1e-3}']
 
 Prints a table and, with --out, writes DIR/bench.json and DIR/table.md. The figures:
@@ -25,6 +25,10 @@ Prints a table and, with --out, writes DIR/bench.json and DIR/table.md. The figu
   agc_vs_clip_grad_norm  adaptive_clip_grad_ over NF ResNet-20's clipped parameters / torch's
                          clip_grad_norm_ (foreach) over the same gradients: the price of
                          clipping unit-wise, per optimizer step                      (goal <= 3.0)
+  model_step_vs_bn       a whole ResNet-20 SGD step of 64 images (forward, cross-entropy,
+                         backward, step) with each study normalizer at b = 1 (64 virtual
+                         devices) and 64 / the same step with bn at b = 64: what a cell costs
+                         beside BN's (bn at 64 against itself shows the noise)   (goal <= 2.0)
   step_vs_bare           engine.loop.train_step / a hand-written loop (zero_grad, forward,
                          cross-entropy, backward, SGD step), same model and batch (goal <= 1.05)
   loader_vs_torchvision  engine.data.GlobalBatches batches/s / torchvision's CIFAR10 with PIL
@@ -80,13 +84,19 @@ from norms import (RELU_GAMMA, DeviceAware, NormSpec, ScaledWSConv2d, WSConv2d, 
 NORMS = ("bn", "gn", "ln", "in", "bcn", "brn", "frn", "evonorm_b0", "evonorm_s0", "mabn",
          "online", "cbn")
 SHAPES = ((64, 64, 16, 16), (2, 64, 16, 16))  # a realistic activation, a micro-batch one
+# the study's normalizers (norm, ws) as results/microbatch labels them
+STUDY_NORMS = {"bn": ("bn", False), "bcn_ws": ("bcn", True), "gn": ("gn", False),
+               "brn": ("brn", False), "frn": ("frn", False), "evonorm_b0": ("evonorm_b0", False),
+               "evonorm_s0": ("evonorm_s0", False), "mabn": ("mabn", False),
+               "online": ("online", False), "cbn": ("cbn", False), "nf": ("nf", False)}
 GROUPS = 8  # the project's default (engine/config.py)
 GOALS = {"norm_vs_native": ("<=", 1.5), "norm_vs_native.bcn": ("<=", 2.5),
          **{f"norm_vs_native.{n}": ("<=", 2.0) for n in ("brn", "frn", "evonorm_s0")},
          **{f"norm_vs_native.{n}": ("<=", 3.0) for n in ("evonorm_b0", "mabn", "online")},
          "norm_vs_native.cbn": ("<=", 2.0),
          "ws_conv_vs_conv": ("<=", 1.15), "scaled_ws_conv_vs_conv": ("<=", 1.2),
-         "agc_vs_clip_grad_norm": ("<=", 3.0), "step_vs_bare": ("<=", 1.05),
+         "agc_vs_clip_grad_norm": ("<=", 3.0), "model_step_vs_bn": ("<=", 2.0),
+         "step_vs_bare": ("<=", 1.05),
          "loader_vs_torchvision": (">=", 5.0), "virtual_vs_accumulate": (">=", 1.8)}
 
 
@@ -257,6 +267,36 @@ def step_vs_bare(batch_sizes=(2, 32), arch: str = "resnet", depth: int = 20, nor
     return figure, details
 
 
+def model_step_vs_bn(norms=tuple(STUDY_NORMS), batch_sizes=(1, 64), images: int = 64,
+                     depth: int = 20, repeats: int = 7, target_s: float = 0.4, device="cpu"):
+    """One SGD step of `images` images through ResNet-`depth` with each norm at each batch per
+    device (images / b virtual devices), against the same step with bn at b = images."""
+    x = torch.randn(images, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (images,), device=device)
+
+    def stepper(norm: str, ws: bool, b: int) -> Callable[[], None]:
+        torch.manual_seed(0)
+        model = build_model("resnet", depth, norm=norm, ws=ws, groups=GROUPS).to(device)
+        configure_devices(model, images // b)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                              weight_decay=5e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        return step
+    base = stepper("bn", False, images)
+    figure, details = {}, {}
+    for label in norms:
+        figure[label], details[label] = {}, {}
+        for b in batch_sizes:
+            res = paired(stepper(*STUDY_NORMS[label], b), base, repeats, target_s,
+                         device=device)
+            figure[label][str(b)], details[label][str(b)] = res["ratio"], res
+    return figure, details
+
+
 # ---------------------------------------------------------------- data
 
 
@@ -380,7 +420,8 @@ def virtual_vs_accumulate(devices: int = 16, batch: int = 2, norm: str = "bn",
 # ---------------------------------------------------------------- the suite
 
 
-def run_suite(only=("norm", "ws", "nf", "agc", "step", "loader", "virtual"), repeats: int = 7,
+def run_suite(only=("norm", "ws", "nf", "agc", "model", "step", "loader", "virtual"),
+              repeats: int = 7,
               quick: bool = False, devices: int = 16, norm: str = "bn",
               allocator: str = "system default", device: str = "cpu",
               quiet: bool = False, custom: NormSpec | None = None) -> dict:
@@ -401,6 +442,9 @@ def run_suite(only=("norm", "ws", "nf", "agc", "step", "loader", "virtual"), rep
         "nf": ("scaled_ws_conv_vs_conv", lambda: ws_conv_vs_conv(
             shapes, conv_cls=ScaledWSConv2d, gamma=RELU_GAMMA, **timing)),
         "agc": ("agc_vs_clip_grad_norm", lambda: agc_vs_clip_grad_norm(depth, **timing)),
+        "model": ("model_step_vs_bn", lambda: model_step_vs_bn(
+            depth=depth, images=4 if quick else 64, batch_sizes=(1, 4) if quick else (1, 64),
+            **timing)),
         "step": ("step_vs_bare", lambda: step_vs_bare(depth=depth, **timing)),
         "loader": ("loader_vs_torchvision", lambda: loader_vs_torchvision(
             images=640 if quick else 2560, batches=2 if quick else 0, **timing)),
@@ -482,8 +526,9 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides run")
     p.add_argument("--repeats", type=int, default=7, help="rounds per figure (median)")
-    p.add_argument("--only", default="norm,ws,nf,agc,step,loader,virtual",
-                   help="comma-separated subset of: norm, ws, nf, agc, step, loader, virtual")
+    p.add_argument("--only", default="norm,ws,nf,agc,model,step,loader,virtual",
+                   help="comma-separated subset of: norm, ws, nf, agc, model, step, loader, "
+                        "virtual")
     p.add_argument("--devices", type=int, default=16, help="virtual_vs_accumulate: K")
     p.add_argument("--norm", default="bn", help="virtual_vs_accumulate: the norm")
     p.add_argument("--target", help="norm_vs_native: your layer (pkg.module.Name or "

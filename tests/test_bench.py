@@ -13,6 +13,8 @@ from conftest import ROOT
 FIGURES = {"norm_vs_native": {"bn", "gn", "ln", "in", "bcn", "brn", "frn", "evonorm_b0",
                               "evonorm_s0", "mabn", "online", "cbn"}, "ws_conv_vs_conv": None,
            "scaled_ws_conv_vs_conv": None, "agc_vs_clip_grad_norm": None,
+           "model_step_vs_bn": {"bn", "bcn_ws", "gn", "brn", "frn", "evonorm_b0", "evonorm_s0",
+                                "mabn", "online", "cbn", "nf"},
            "step_vs_bare": {"2", "32"}, "loader_vs_torchvision": {"2", "128"},
            "virtual_vs_accumulate": None}
 
@@ -52,6 +54,10 @@ def test_quick_suite_writes_every_figure(tmp_path):
         assert result[fig] == max(d["ratio"] for d in details[fig]["by_shape"].values())
     assert result["agc_vs_clip_grad_norm"] == details["agc_vs_clip_grad_norm"]["ratio"]
     assert details["agc_vs_clip_grad_norm"]["parameters"] > 0
+    for norm, cases in result["model_step_vs_bn"].items():
+        assert set(cases) == {"1", "4"}  # quick: 4 images a step, b = 1 (4 devices) and 4
+        for b, v in cases.items():
+            assert v == details["model_step_vs_bn"][norm][b]["ratio"]
     for b, v in result["step_vs_bare"].items():
         assert v == details["step_vs_bare"][b]["ratio"]
     for b, v in result["loader_vs_torchvision"].items():
