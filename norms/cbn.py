@@ -61,6 +61,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .devices import DeviceAware, StepAverage, in_layout_of
 from .ws import WSConv2d
@@ -100,6 +101,38 @@ def standardize_jvp(conv: WSConv2d, theta: torch.Tensor, tangent: torch.Tensor) 
         (vjp,) = torch.autograd.grad(conv.standardize(theta), theta, v, create_graph=True)
         (jvp,) = torch.autograd.grad(vjp, v, tangent)
     return jvp
+
+
+class Normalize(torch.autograd.Function):
+    """y = gamma (x - mu_bar) / sqrt(sigma^2 + eps) + beta per channel of x [N, C, *], with the
+    gradient through the current batch's statistics only, each 1/n of the window's:
+    d mu_bar / dx = 1 / (n m), d sigma^2 / dx = 2 (x - mu_bar) / (n m) (var_t's 2 (x - mu_t) and
+    the between-term's 2 (mu_t - mu_bar); its derivative in mu_bar is 0). So
+        dL/dx = gamma s (g - (mean(g) + x^ mean(g x^)) / n),  s = 1 / sqrt(sigma^2 + eps),
+    batch norm's backward with its corrections divided by n (n = 1: exactly BN's). Forward:
+    batch_norm's eval kernel; backward: its reductions, then one affine map of g and x."""
+
+    @staticmethod
+    def forward(ctx, x, mu_bar, sigma2, weight, bias, n, eps):
+        invstd = torch.rsqrt(sigma2 + eps)
+        ctx.save_for_backward(x, mu_bar, invstd, weight)
+        ctx.n, ctx.eps = n, eps
+        return F.batch_norm(x, mu_bar, sigma2, weight, bias, False, 0.0, eps)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, mu_bar, invstd, weight = ctx.saved_tensors
+        # sum(g x^) and sum(g) per channel: dL/dgamma, dL/dbeta
+        _, d_weight, d_bias = torch.ops.aten.native_batch_norm_backward(
+            g, x, weight, None, None, mu_bar, invstd, True, ctx.eps, [False, True, True])
+        nm = ctx.n * (x.numel() // x.shape[1])
+        a = weight * invstd                                                # on g
+        b = -a * invstd * d_weight / nm                                    # on x - mu_bar
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        c = -a * d_bias / nm - b * mu_bar
+        dx = torch.addcmul(c.view(shape), g, a.view(shape)).addcmul_(x, b.view(shape))
+        return dx, None, None, d_weight, d_bias, None, None
 
 
 class CrossIterationBatchNorm(DeviceAware, nn.Module):
@@ -201,10 +234,15 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         record = past > 0 and t > self.burnin - past
         if record and (inp is None or inp.shape[0] != x.shape[0]):
             raise ValueError("cbn: its convolution did not run on this batch just before it")
-        xs = x.unflatten(0, (k, -1)).to(self.running_mean.dtype)     # [K, b, C, *]
-        dims = (1, *range(3, xs.dim()))
-        var_t, mu_t = torch.var_mean(xs, dims, correction=0)          # [K, C]
-        with torch.no_grad():  # the old entries, compensated to theta_t: constants
+        # [K*b, C, *] -> [b, K*C, *]: device k's channel c becomes channel k*C + c (as bn)
+        xs = x.to(self.running_mean.dtype)
+        if k > 1:
+            xs = xs.unflatten(0, (k, -1)).transpose(0, 1).flatten(1, 2)
+        with torch.no_grad():  # the current batch's statistics' gradient: in Normalize
+            # batch_norm's own statistics kernel: CPU's var_mean is ~4x slower (as brn)
+            mu_t, var_t = (v.view(k, -1) for v in torch.batch_norm_update_stats(xs, None, None,
+                                                                               0.0))
+            # the old entries, compensated to theta_t: constants
             if past > 0 and t > self.burnin:
                 used = ((self.window_step > 0) & (self.window_step >= t - past)).to(xs.dtype)
                 used = used.view(1, -1, 1)                                   # [1, k-1, 1]
@@ -216,16 +254,15 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
             else:
                 mu_old, used, var_old = None, None, 0
                 n = 1
-        mu_bar = (mu_t + ((mu_old * used).sum(1) if used is not None else 0)) / n
-        # sum_tau (mu_{t-tau} - mu_bar)^2: its derivative w.r.t. mu_bar is 0, so mu_bar is held
-        centre = mu_bar.detach()
-        between = (mu_t - centre).square()
-        if used is not None:
-            between = between + ((mu_old - centre.unsqueeze(1)).square() * used).sum(1)
-        sigma2 = (var_t + var_old + between) / n
-        shape = (k, 1, -1) + (1,) * (xs.dim() - 3)
-        scale = torch.rsqrt(sigma2 + self.eps).view(shape) * self.weight.view(1, 1, -1, *shape[3:])
-        y = (xs - mu_bar.view(shape)) * scale + self.bias.view(1, 1, -1, *shape[3:])
+            mu_bar = (mu_t + ((mu_old * used).sum(1) if used is not None else 0)) / n
+            between = (mu_t - mu_bar).square()
+            if used is not None:
+                between = between + ((mu_old - mu_bar.unsqueeze(1)).square() * used).sum(1)
+            sigma2 = (var_t + var_old + between) / n
+        y = Normalize.apply(xs, mu_bar.flatten(), sigma2.flatten(), self.weight.repeat(k),
+                            self.bias.repeat(k), n, self.eps)
+        if k > 1:
+            y = y.unflatten(1, (k, -1)).transpose(0, 1).flatten(0, 1)
         with torch.no_grad():
             if record:
                 self._record(step, t, inp, x, mu_t, var_t)
@@ -236,7 +273,7 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
             if step.last:
                 self.steps.add_(1)
                 self._steps_seen = (self.steps, self.steps._version, t)
-        return in_layout_of(y.flatten(0, 1).to(x.dtype), x)
+        return in_layout_of(y.to(x.dtype), x)
 
     def _compensation(self, rows: slice, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The first-order terms d mu / d W^ . (W^_t - W^_{t-tau}) and the same for nu, for the
