@@ -12,17 +12,16 @@ loss scale has been removed. |G_i| is floored at 1e-6 in the division only, as b
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Iterable
 
 import torch
 from torch import nn
 
 
-def unitwise_norm(t: torch.Tensor) -> torch.Tensor:
-    """|t_i| per unit: over every dim but the first, or the whole tensor when ndim <= 1."""
-    if t.ndim <= 1:
-        return torch.linalg.vector_norm(t)
-    return torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), keepdim=True)
+def unit_rows(t: torch.Tensor) -> torch.Tensor:
+    """t's units as rows: over every dim but the first, or the whole tensor when ndim <= 1."""
+    return t.reshape(1, -1) if t.ndim <= 1 else t.flatten(1)
 
 
 CLIPPING, EPS = 0.01, 1e-3  # the authors' lambda and floor
@@ -31,13 +30,23 @@ CLIPPING, EPS = 0.01, 1e-3  # the authors' lambda and floor
 @torch.no_grad()
 def adaptive_clip_grad_(params: Iterable[torch.Tensor], clipping: float = CLIPPING,
                         eps: float = EPS) -> None:
-    """Clip each parameter's .grad in place, unit-wise (the module docstring's equation)."""
+    """Clip each parameter's .grad in place, unit-wise (the module docstring's equation). The
+    units of all parameters are batched by their length: a few kernels per length instead of
+    eight per parameter (NF ResNet-20 clips 71 parameters of 8 lengths)."""
+    groups = defaultdict(list)
     for p in params:
-        if p.grad is None:
-            continue
-        max_norm = unitwise_norm(p).clamp_min_(eps).mul_(clipping)
+        if p.grad is not None:
+            groups[(unit_rows(p).shape[1], p.device, p.dtype)].append(p)
+    for group in groups.values():
+        norms = [torch.linalg.vector_norm(torch.cat([unit_rows(t) for t in ts]), dim=1)
+                 for ts in (group, [p.grad for p in group])]
+        max_norm = norms[0].clamp_min_(eps).mul_(clipping)
         # lambda max(|W_i|, eps) / |G_i| where that is below 1, else exactly 1 (unchanged)
-        p.grad.mul_(max_norm.div_(unitwise_norm(p.grad).clamp_min_(1e-6)).clamp_max_(1.0))
+        factor = max_norm.div_(norms[1].clamp_min_(1e-6)).clamp_max_(1.0)
+        rows = factor.split([unit_rows(p).shape[0] for p in group])
+        torch._foreach_mul_([p.grad for p in group],
+                            [f.view(-1, *(1,) * (p.ndim - 1)) if p.ndim > 1 else f.view(())
+                             for f, p in zip(rows, group)])
 
 
 def clipped_parameters(model: nn.Module) -> list[nn.Parameter]:
