@@ -420,8 +420,10 @@ def virtual_vs_accumulate(devices: int = 16, batch: int = 2, norm: str = "bn",
 # ---------------------------------------------------------------- the suite
 
 
-def run_suite(only=("norm", "ws", "nf", "agc", "model", "step", "loader", "virtual"),
-              repeats: int = 7,
+FIGURE_KEYS = ("norm", "ws", "nf", "agc", "model", "step", "loader", "virtual")  # --only's
+
+
+def run_suite(only=FIGURE_KEYS, repeats: int = 7,
               quick: bool = False, devices: int = 16, norm: str = "bn",
               allocator: str = "system default", device: str = "cpu",
               quiet: bool = False, custom: NormSpec | None = None) -> dict:
@@ -526,9 +528,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides run")
     p.add_argument("--repeats", type=int, default=7, help="rounds per figure (median)")
-    p.add_argument("--only", default="norm,ws,nf,agc,model,step,loader,virtual",
-                   help="comma-separated subset of: norm, ws, nf, agc, model, step, loader, "
-                        "virtual")
+    p.add_argument("--only", default=",".join(FIGURE_KEYS),
+                   help=f"comma-separated subset of: {', '.join(FIGURE_KEYS)}")
     p.add_argument("--devices", type=int, default=16, help="virtual_vs_accumulate: K")
     p.add_argument("--norm", default="bn", help="virtual_vs_accumulate: the norm")
     p.add_argument("--target", help="norm_vs_native: your layer (pkg.module.Name or "
@@ -539,6 +540,10 @@ def main(argv=None) -> dict:
     p.add_argument("--system-malloc", action="store_true",
                    help="leave glibc's allocator at its defaults (see above)")
     a = p.parse_args(argv)
+    unknown = [k for k in a.only.split(",") if k not in FIGURE_KEYS]
+    if unknown:
+        p.error(f"--only={a.only}: {', '.join(unknown)} unknown; allowed: a comma-separated "
+                f"subset of {','.join(FIGURE_KEYS)}")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     custom = None

@@ -127,3 +127,11 @@ def test_torchvision_reads_the_generated_cifar10_layout(tmp_path):
     assert len(theirs) == len(ours) == 20
     image, label = theirs[7]
     assert (image == ours.images[7]).all() and label == ours.labels[7]
+
+
+def test_an_unknown_figure_is_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as e:
+        load_bench().main(["--only", "norm,foo"])
+    assert e.value.code == 2
+    assert "--only=norm,foo: foo unknown; allowed: a comma-separated subset of norm,ws,nf" \
+        in capsys.readouterr().err
