@@ -90,40 +90,20 @@ class OnlineNorm(DeviceAware, nn.Module):
             if x.shape[0] % k:
                 raise ValueError(f"batch of {x.shape[0]} does not split into {k} virtual devices")
             rows = step.rows
-            y = OnlineNormFunction.apply(x.unflatten(0, (k, -1)), self.mu[rows], self.var[rows],
-                                         self.u[rows], self.v[rows], self.alpha_fwd,
-                                         self.alpha_bkw, self.eps).flatten(0, 1)
+            z = OnlineNormFunction.apply(x.unflatten(0, (k, -1)), self.mu[rows], self.var[rows],
+                                         self.u[rows], self.v[rows], self.weight, self.bias,
+                                         self.alpha_fwd, self.alpha_bkw, self.eps,
+                                         self.ecm == "ls").flatten(0, 1)
         else:
             mu = self.mu.mean(0)
             var = (self.var + (self.mu - mu).square()).mean(0)
-            y = F.batch_norm(x, mu, var, None, None, False, 0.0, self.eps)
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        z = torch.addcmul(self.bias.view(shape), y, self.weight.view(shape))
-        if self.ecm == "ls":
-            return LayerScaling.apply(z, self.eps)
+            z = F.batch_norm(x, mu, var, self.weight, self.bias, False, 0.0, self.eps)
+            if self.ecm == "ls":
+                z = z * (z.square().mean(tuple(range(1, z.dim())), keepdim=True)
+                         + self.eps).rsqrt()
         if self.ecm == "ac":  # no gradient at the bounds either, as in the authors' numpy
             return z.clamp(-self.clamp, self.clamp)
         return z
-
-
-class LayerScaling(torch.autograd.Function):
-    """out = z r per sample, r = 1 / sqrt(mean_CHW(z^2) + eps), and its gradient written out
-    (autograd's takes twice the passes): dL/dz = (g - mean_CHW(g out) out) r
-    = (g - r^2 mean_CHW(g z) z) r. It keeps z, not out: the ReLU after it may work in place."""
-
-    @staticmethod
-    def forward(ctx, z, eps):
-        dims = tuple(range(1, z.dim()))
-        r = (z.square().mean(dims, keepdim=True) + eps).rsqrt()
-        ctx.save_for_backward(z, r)
-        return z * r
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        z, r = ctx.saved_tensors
-        proj = (g * z).mean(tuple(range(1, g.dim())), keepdim=True) * r.square()
-        return torch.addcmul(g, z, proj, value=-1).mul_(r), None
 
 
 @functools.lru_cache(maxsize=64)
@@ -146,51 +126,101 @@ def decayed(s0: torch.Tensor, c: torch.Tensor, alpha: float):
     return s[:, :-1], s[:, -1]
 
 
-class OnlineNormFunction(torch.autograd.Function):
-    """The streamed forward and the control-process backward for K devices at once: x is
-    [K, b, C, *]; mu, var, u, v are [K, C] views of the layer's rows, updated in place.
+def per_sample(x: torch.Tensor) -> torch.Tensor:
+    """[K, b, C, *] -> [K, b, C, HW] (HW = 1 without spatial dims)."""
+    return x.flatten(3) if x.dim() > 3 else x.unsqueeze(-1)
 
-    The recursions run on per-sample statistics, so each full-size tensor is touched a few
-    times, not once per sample: mean(g~_t y_t) = mean(g_t y_t) - (1 - alpha_b) v_{t-1}
-    mean(y_t^2), mean(y_t) and mean(y_t^2) follow from a_t, s2_t and the stream, and the mean
-    and variance streams and u are linear with a constant decay (`decayed`); only v, whose
-    decay 1 - (1 - alpha_b) mean(y_t^2) varies, is a loop over [K, C]. The same maths as the
-    docstring's sample loop (tests/test_online_norm.py), up to float rounding."""
+
+def spatial(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[K, b, C] -> [K, b, C, 1, ...] to broadcast over `like`'s spatial dims."""
+    return t.view(*t.shape, *(1,) * (like.dim() - 3))
+
+
+class OnlineNormFunction(torch.autograd.Function):
+    """The streamed forward and the control-process backward for K devices at once, with the
+    affine map and layer scaling folded in: x is [K, b, C, *]; mu, var, u, v are [K, C] views
+    of the layer's rows, updated in place; returns out = z r, z = gamma y + beta, r = 1 /
+    sqrt(mean_CHW(z^2) + eps) per sample with `ls`, else 1.
+
+    z = A x + B per sample and channel (A = gamma / scale, B = beta - A mu_{t-1}), and
+    mean_CHW(z^2) = mean_C(A^2 s2 + (A a + B)^2) from the sample's statistics, so the forward
+    is the statistics and one pass writing out = (A r) x + B r. The backward takes two
+    reductions of g (mean(g), mean(g x)) and writes dL/dx as one affine map of g and x: every
+    other quantity is per sample and channel. The recursions: mean(g~_t y_t) = mean(g_t y_t) -
+    (1 - alpha_b) v_{t-1} mean(y_t^2), mean(y_t) and mean(y_t^2) follow from a_t, s2_t and the
+    stream, and the mean and variance streams and u are linear with a constant decay
+    (`decayed`); only v, whose decay 1 - (1 - alpha_b) mean(y_t^2) varies, is a loop over
+    [K, C]. The same maths as the docstring's sample loop (tests/test_online_norm.py), up to
+    float rounding. Layer scaling's part of the backward is its exact gradient:
+    dL/dz = (g - r^2 mean_CHW(g z) z) r."""
 
     @staticmethod
-    def forward(ctx, x, mu, var, u, v, alpha_fwd, alpha_bkw, eps):
-        xs = x.to(mu.dtype).flatten(3) if x.dim() > 3 else x.to(mu.dtype).unsqueeze(-1)
+    def forward(ctx, x, mu, var, u, v, weight, bias, alpha_fwd, alpha_bkw, eps, ls):
+        xf = x.to(mu.dtype)
+        xs = per_sample(xf)                                                 # [K, b, C, HW]
         a = xs.mean(-1)                                                     # [K, b, C]
         s2 = (xs - a.unsqueeze(-1)).square().mean(-1)  # var(): 4x slower here on CPU
         mu_before, mu_last = decayed(mu, (1 - alpha_fwd) * a, alpha_fwd)
         delta = a - mu_before
         var_before, var_last = decayed(
             var, (1 - alpha_fwd) * s2 + alpha_fwd * (1 - alpha_fwd) * delta.square(), alpha_fwd)
-        scale = (var_before + eps).sqrt()
-        y = (xs - mu_before.unsqueeze(-1)) / scale.unsqueeze(-1)
         mu.copy_(mu_last), var.copy_(var_last)
-        # mean_HW(y_t), mean_HW(y_t^2), from the statistics
-        ctx.save_for_backward(y, scale, delta / scale, (s2 + delta.square()) / scale.square())
-        ctx.u, ctx.v, ctx.alpha_bkw = u, v, alpha_bkw  # state the backward writes: not saved
-        ctx.shape = x.shape
-        return y.view(x.shape)
+        scale = (var_before + eps).sqrt()
+        gamma, beta = weight.to(mu.dtype), bias.to(mu.dtype)
+        y_mean, y2_mean = delta / scale, (s2 + delta.square()) / scale.square()
+        if ls:  # mean_CHW(z^2) per sample, from mean_HW(y) and mean_HW(y^2)
+            z2 = gamma.square() * y2_mean + 2 * gamma * beta * y_mean + beta.square()
+            r = (z2.mean(-1, keepdim=True) + eps).rsqrt()                   # [K, b, 1]
+        else:
+            r = torch.ones_like(scale[..., :1])
+        slope = gamma * r / scale                                           # A r
+        # in x's own shape: a view of a new tensor as the output would block in-place ReLUs
+        out = torch.addcmul(spatial((beta - gamma * mu_before / scale) * r, x), xf,
+                            spatial(slope, x))
+        ctx.save_for_backward(xf, mu_before, scale, y_mean, y2_mean, r, gamma, beta)
+        ctx.u, ctx.v, ctx.alpha_bkw, ctx.ls = u, v, alpha_bkw, ls  # state the backward writes
+        ctx.dtypes = x.dtype, weight.dtype
+        return out.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        y, scale, y_mean, y2_mean = ctx.saved_tensors
+        xf, mu_before, scale, y_mean, y2_mean, r, gamma, beta = ctx.saved_tensors
         u, v, alpha_bkw = ctx.u, ctx.v, ctx.alpha_bkw
-        beta = 1 - alpha_bkw
-        g = grad.to(y.dtype).reshape(y.shape)
-        gy_mean = (g * y).mean(-1)                                           # [K, b, C]
+        beta_b = 1 - alpha_bkw
+        g = grad.to(xf.dtype)
+        gs, xs = per_sample(g), per_sample(xf)
+        length = xs.shape[-1]
+        g_mean = gs.mean(-1)                                                # [K, b, C]
+        gy_mean = (torch.linalg.vecdot(gs, xs) / length - mu_before * g_mean) / scale
+        # dL/dy = p g + q y + s per sample and channel: gamma dL/dz, through layer scaling
+        p = gamma * r
+        if ctx.ls:
+            m = (gamma * gy_mean + beta * g_mean).mean(-1, keepdim=True)   # mean_CHW(g z)
+            q, s = -gamma.square() * r.pow(3) * m, -gamma * beta * r.pow(3) * m
+        else:
+            q = s = torch.zeros_like(p)
+        # dL/dgamma = sum dL/dz y, dL/dbeta = sum dL/dz, dL/dz = (dL/dy) / gamma
+        rho = r.square() * (m if ctx.ls else 0)
+        z_y = gamma * y2_mean + beta * y_mean                                # mean(z y)
+        z_mean = gamma * y_mean + beta
+        d_gamma = (length * r * (gy_mean - rho * z_y)).sum((0, 1))
+        d_beta = (length * r * (g_mean - rho * z_mean)).sum((0, 1))
+        # the online backward on dL/dy, from its means
+        gy_mean, g_mean = p * gy_mean + q * y2_mean + s * y_mean, p * g_mean + q * y_mean + s
         v_before = torch.empty_like(gy_mean)
         for t in range(g.shape[1]):             # v_t = v_{t-1} + mean(g~_t y_t), in order
             v_before[:, t] = v
-            v.addcmul_(v, y2_mean[:, t], value=-beta).add_(gy_mean[:, t])
-        # h_t = g~_t / scale_t;  dL/dx_t = h_t - beta u_{t-1};  u_t = alpha_b u_{t-1} + mean(h_t)
-        h_mean = (g.mean(-1) - beta * v_before * y_mean) / scale
+            v.addcmul_(v, y2_mean[:, t], value=-beta_b).add_(gy_mean[:, t])
+        # h_t = g~_t / scale_t;  dL/dx_t = h_t - beta_b u_{t-1};  u_t = alpha_b u_{t-1} + mean(h_t)
+        h_mean = (g_mean - beta_b * v_before * y_mean) / scale
         u_before, u_last = decayed(u, h_mean, alpha_bkw)
         u.copy_(u_last)
-        gx = torch.addcmul(g, y, (beta * v_before).unsqueeze(-1), value=-1)  # g~, then in place
-        gx.div_(scale.unsqueeze(-1)).sub_((beta * u_before).unsqueeze(-1))
-        return gx.view(ctx.shape), None, None, None, None, None, None, None
+        # dL/dx = (p g + (q - beta_b v) y + s) / scale - beta_b u, y = (x - mu) / scale
+        on_x = (q - beta_b * v_before) / scale.square()
+        rest = s / scale - beta_b * u_before - on_x * mu_before
+        gx = torch.addcmul(spatial(rest, g), g, spatial(p / scale, g))
+        gx.addcmul_(xf, spatial(on_x, g))
+        x_dtype, w_dtype = ctx.dtypes
+        return (gx.to(x_dtype), None, None, None, None, d_gamma.to(w_dtype),
+                d_beta.to(w_dtype), None, None, None, None)

@@ -190,10 +190,21 @@ def test_online_double_backward_is_a_clear_error():
         g.sum().backward()
 
 
-def test_online_layer_scaling_backward_is_its_exact_gradient():
-    from norms.online import LayerScaling
-    z = torch.randn(2, 3, 2, 2, dtype=DT, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda z: LayerScaling.apply(z, 1e-3), (z,))
+@pytest.mark.parametrize("ls", [True, False])
+def test_online_affine_and_layer_scaling_gradients_are_exact(ls):
+    """gamma and beta enter only through z = gamma y + beta and layer scaling, so their
+    gradients are the true ones (x's is the paper's, not autograd's): finite differences, each
+    evaluation from the same stream state."""
+    from norms.online import OnlineNormFunction
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, C, 2, 2, generator=gen, dtype=DT)            # K = 2, b = 3
+    state = [torch.randn(2, C, generator=gen, dtype=DT) for _ in range(4)]
+    state[1] = state[1].abs() + 0.5                                      # var > 0
+
+    def f(w, b):
+        return OnlineNormFunction.apply(x, *(t.clone() for t in state), w, b, 0.8, 0.7, 1e-3, ls)
+    w, b = (torch.randn(C, generator=gen, dtype=DT, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(f, (w, b))
 
 
 @pytest.mark.parametrize("ecm", ["ls", "ac", "none"])
