@@ -20,8 +20,8 @@ sample by sample in the same order, with g_t = dL/dy_t:
 Then the per-channel affine z = gamma y + beta and the error compensation (`ecm`), in training
 and eval alike: "ls", layer scaling, z / sqrt(mean_CHW(z^2) + eps) per sample (the authors'
 CIFAR scripts); "ac", activation clamping to [-clamp, clamp] with no gradient at or beyond the
-bounds (their library's later default); "none". Both give their exact gradients (layer
-scaling's written out in `LayerScaling`, clamping by autograd).
+bounds (their library's later default); "none". Both give their exact gradients (the affine
+map's and layer scaling's written out in `OnlineNormFunction`, clamping by autograd).
 
 Eval: (x - mu) / sqrt(var + eps) with the devices' streams pooled as one mixture:
 mu = mean_d mu_d, var = mean_d (var_d + (mu_d - mu)^2); with one device, the authors' eval.
