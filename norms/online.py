@@ -126,6 +126,20 @@ def decayed(s0: torch.Tensor, c: torch.Tensor, alpha: float):
     return s[:, :-1], s[:, -1]
 
 
+def recurrence(s0: torch.Tensor, c: torch.Tensor, d: torch.Tensor):
+    """The stream s_t = c_t s_{t-1} + d_t over the b inputs c, d [K, b, C] from s0 [K, C], by a
+    log-depth scan: each of ceil(log2 b) rounds composes every span (c2, d2) with the one
+    before it (c1, d1) into (c2 c1, c2 d1 + d2), four ops a round instead of a loop of b steps.
+    Returns the states before each input [K, b, C] and the last state [K, C]."""
+    span = 1
+    while span < c.shape[1]:
+        c, d = (torch.cat([c[:, :span], c[:, span:] * c[:, :-span]], 1),
+                torch.cat([d[:, :span], torch.addcmul(d[:, span:], c[:, span:], d[:, :-span])], 1))
+        span *= 2
+    s = torch.addcmul(d, c, s0.unsqueeze(1))                                # s_1 .. s_b
+    return torch.cat([s0.unsqueeze(1), s[:, :-1]], 1), s[:, -1]
+
+
 def per_sample(x: torch.Tensor) -> torch.Tensor:
     """[K, b, C, *] -> [K, b, C, HW] (HW = 1 without spatial dims)."""
     return x.flatten(3) if x.dim() > 3 else x.unsqueeze(-1)
@@ -149,8 +163,8 @@ class OnlineNormFunction(torch.autograd.Function):
     other quantity is per sample and channel. The recursions: mean(g~_t y_t) = mean(g_t y_t) -
     (1 - alpha_b) v_{t-1} mean(y_t^2), mean(y_t) and mean(y_t^2) follow from a_t, s2_t and the
     stream, and the mean and variance streams and u are linear with a constant decay
-    (`decayed`); only v, whose decay 1 - (1 - alpha_b) mean(y_t^2) varies, is a loop over
-    [K, C]. The same maths as the docstring's sample loop (tests/test_online_norm.py), up to
+    (`decayed`); v, whose decay 1 - (1 - alpha_b) mean(y_t^2) varies, is a log-depth scan
+    over [K, C] (`recurrence`). The same maths as the docstring's sample loop (tests/test_online_norm.py), up to
     float rounding. Layer scaling's part of the backward is its exact gradient:
     dL/dz = (g - r^2 mean_CHW(g z) z) r."""
 
@@ -208,10 +222,9 @@ class OnlineNormFunction(torch.autograd.Function):
         d_beta = (length * r * (g_mean - rho * z_mean)).sum((0, 1))
         # the online backward on dL/dy, from its means
         gy_mean, g_mean = p * gy_mean + q * y2_mean + s * y_mean, p * g_mean + q * y_mean + s
-        v_before = torch.empty_like(gy_mean)
-        for t in range(g.shape[1]):             # v_t = v_{t-1} + mean(g~_t y_t), in order
-            v_before[:, t] = v
-            v.addcmul_(v, y2_mean[:, t], value=-beta_b).add_(gy_mean[:, t])
+        # v_t = v_{t-1} + mean(g~_t y_t) = (1 - beta_b mean(y_t^2)) v_{t-1} + mean(g_t y_t)
+        v_before, v_last = recurrence(v, 1 - beta_b * y2_mean, gy_mean)
+        v.copy_(v_last)
         # h_t = g~_t / scale_t;  dL/dx_t = h_t - beta_b u_{t-1};  u_t = alpha_b u_{t-1} + mean(h_t)
         h_mean = (g_mean - beta_b * v_before * y_mean) / scale
         u_before, u_last = decayed(u, h_mean, alpha_bkw)

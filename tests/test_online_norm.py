@@ -84,16 +84,19 @@ def make(gen, ecm, devices=1, accumulate=1, clamp=1.0):
     return layer
 
 
-@pytest.mark.parametrize("ecm,devices", [("ls", 1), ("ac", 1), ("none", 1), ("ls", 3)])
-def test_online_steps_match_the_equations(ecm, devices):
-    """4 steps of 2 samples per device: outputs, every gradient and each device's mu, var, u, v;
-    then eval with the devices' streams pooled (mixture mean and variance). Clamping at 1.0, so
-    some outputs are clamped."""
+@pytest.mark.parametrize("ecm,devices,b", [("ls", 1, 2), ("ac", 1, 2), ("none", 1, 2),
+                                           ("ls", 3, 2), ("ls", 2, 5), ("none", 1, 8),
+                                           ("ls", 2, 1)])
+def test_online_steps_match_the_equations(ecm, devices, b):
+    """4 steps of b samples per device (b = 5 and 8: several rounds of v's scan, one of them
+    partial): outputs, every gradient and each device's mu, var, u, v; then eval with the
+    devices' streams pooled (mixture mean and variance). Clamping at 1.0, so some outputs are
+    clamped."""
     gen = torch.Generator().manual_seed(24)
     layer = make(gen, ecm, devices)
     refs = [OnlineReference(layer.weight.detach(), layer.bias.detach(), 0.8, 0.7, 1e-3, ecm,
                             1.0) for _ in range(devices)]
-    data = batches(gen, 4, 2 * devices)
+    data = batches(gen, 4, b * devices)
     clamped = 0
     for x, up in data:
         got = step(layer, x, up)
