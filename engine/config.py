@@ -66,6 +66,7 @@ class NormConfig:
     alpha: Optional[float] = None    # nf: the NF block's residual scale (default 0.2)
     window: Optional[int] = None     # cbn: k, the iterations whose statistics are used (8)
     burnin: Optional[float] = None   # cbn: plain-BN steps before the window is used
+    compensate: Optional[bool] = None  # cbn: the Taylor compensation (false: the naive window)
     alpha_fwd: Optional[float] = None  # online: decay of the streamed mean and variance
     alpha_bkw: Optional[float] = None  # online: decay of the backward's control processes
     ecm: Optional[str] = None        # online: error compensation, ls | ac | none
@@ -285,7 +286,8 @@ def norm_options(cfg, total_steps: int | None = None) -> dict[str, Any]:
         opts["channels_per_group"] = n.channels_per_group
     elif n.groups is not None:
         opts["groups"] = n.groups
-    for key in ("r_max", "d_max", "alpha", "window", "alpha_fwd", "alpha_bkw", "ecm", "clamp"):
+    for key in ("r_max", "d_max", "alpha", "window", "compensate", "alpha_fwd", "alpha_bkw",
+                "ecm", "clamp"):
         if n[key] is not None:
             opts[key] = n[key]
     for key in STEP_KEYS:

@@ -154,7 +154,7 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
 
     def __init__(self, num_channels: int, conv: nn.Conv2d | None = None, window: int = 8,
                  burnin: int = 0, eps: float = 1e-5, momentum: float = 0.1,
-                 dense_bytes: int = DENSE_BYTES):
+                 compensate: bool = True, dense_bytes: int = DENSE_BYTES):
         super().__init__()
         if conv is None:
             raise ValueError("cbn: no convolution before this norm; cbn compensates its "
@@ -168,6 +168,7 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
                              f"the norm num_channels={num_channels}; allowed: equal")
         self.num_channels, self.window, self.burnin = num_channels, window, burnin
         self.eps, self.momentum, self.dense_bytes = eps, momentum, dense_bytes
+        self.compensate = compensate  # False: the paper's naive baseline, no Taylor terms
         # Not a submodule: its parameters belong to the model where it stands.
         object.__setattr__(self, "conv", conv)
         conv.register_forward_pre_hook(self._remember_input)
@@ -192,7 +193,8 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, window={self.window}, burnin={self.burnin}, "
-                f"eps={self.eps}, momentum={self.momentum}")
+                f"eps={self.eps}, momentum={self.momentum}"
+                + ("" if self.compensate else ", compensate=False"))
 
     def _remember_input(self, conv, args):
         self._input = args[0] if self.training else None
@@ -203,11 +205,12 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         return self.window_gnu.shape[-1] > 0
 
     def devices_changed(self) -> None:
-        """Empty windows for D devices, dense if D (k-1) (|theta| + fan-in) fits `dense_bytes`."""
+        """Empty windows for D devices, dense if D (k-1) (|theta| + fan-in) fits `dense_bytes`;
+        without compensation, the statistics alone."""
         d, past, shape = self.num_devices(), self.window - 1, self.conv.weight.shape
         mu_size = self.conv.groups * shape[1:].numel()
         size = d * past * (shape.numel() + mu_size) * self.window_mu.element_size()
-        dense = size <= self.dense_bytes
+        dense = size <= self.dense_bytes and self.compensate
         sizes = {"window_mu": (self.num_channels,), "window_nu": (self.num_channels,),
                  "window_gmu": (mu_size if dense else 0,),
                  "window_gnu": (shape.numel() if dense else 0,),
@@ -246,7 +249,7 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
             raise ValueError(f"batch of {x.shape[0]} does not split into {k} virtual devices")
         t = self.step_count() + 1
         record = past > 0 and t > self.burnin - past
-        if record and (inp is None or inp.shape[0] != x.shape[0]):
+        if record and self.compensate and (inp is None or inp.shape[0] != x.shape[0]):
             raise ValueError("cbn: its convolution did not run on this batch just before it")
         # [K*b, C, *] -> [b, K*C, *]: device k's channel c becomes channel k*C + c (as bn)
         xs = x.to(self.running_mean.dtype)
@@ -260,9 +263,10 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
             if past > 0 and t > self.burnin:
                 used = ((self.window_step > 0) & (self.window_step >= t - past)).to(xs.dtype)
                 used = used.view(1, -1, 1)                                   # [1, k-1, 1]
-                d_mu, d_nu = self._compensation(step.rows, xs.dtype)           # [K, k-1, C]
-                mu_old = self.window_mu[step.rows] + d_mu
-                nu_old = self.window_nu[step.rows] + d_nu
+                mu_old, nu_old = self.window_mu[step.rows], self.window_nu[step.rows]
+                if self.compensate:
+                    d_mu, d_nu = self._compensation(step.rows, xs.dtype)       # [K, k-1, C]
+                    mu_old, nu_old = mu_old + d_mu, nu_old + d_nu
                 var_old = ((nu_old - mu_old.square()).clamp_min(0) * used).sum(1)  # the floor
                 n = 1 + used.sum()
             else:
@@ -322,11 +326,16 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
     def _record(self, step, t, inp, x, mu_t, var_t) -> None:
         """This step's entry into slot t mod (k-1), the oldest one (already read)."""
         slot, k = t % (self.window - 1), self.virtual_devices
-        dtype = self.window_mu.dtype
-        inp, x = inp.detach().to(dtype), x.detach().to(dtype)
         rows = torch.arange(step.rows.start, step.rows.stop, device=x.device)
         self.window_mu[rows, slot] = mu_t.detach()
         self.window_nu[rows, slot] = (var_t + mu_t.square()).detach()
+        if step.last:  # shared by every device of the step: written once they have all read it
+            self.window_theta[slot] = self.conv.weight.detach().flatten()
+            self.window_step[slot] = t
+        if not self.compensate:  # the naive window: the statistics are all it needs
+            return
+        dtype = self.window_mu.dtype
+        inp, x = inp.detach().to(dtype), x.detach().to(dtype)
         if self.dense:
             g_mu, g_nu = statistic_gradients(self.conv, inp, x, k)
             self.window_gmu[rows, slot] = g_mu.flatten(1)
@@ -343,6 +352,3 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
                     buf = buf.new_zeros(*buf.shape[:2], *value.shape[1:])
                     setattr(self, name, buf)
                 buf[rows, slot] = value
-        if step.last:  # shared by every device of the step: written once they have all read it
-            self.window_theta[slot] = self.conv.weight.detach().flatten()
-            self.window_step[slot] = t

@@ -84,7 +84,7 @@ NORM_SPECS: dict[str, NormSpec] = {
         "r_max": 5.0}, conv=CenConv2d),
     # Yao et al.: k = 8 as the paper's ImageNet runs; burn-in in optimizer steps
     "cbn": NormSpec(CrossIterationBatchNorm, {"eps": 1e-5, "momentum": 0.1, "window": 8,
-                                              "burnin": 0}, takes_conv=True),
+                                              "burnin": 0, "compensate": True}, takes_conv=True),
     # Chiley et al. 2019, the authors' CIFAR-10 command: 1023/1024, 127/128, layer scaling
     "online": NormSpec(OnlineNorm, {"alpha_fwd": 1023 / 1024, "alpha_bkw": 127 / 128,
                                     "eps": 1e-5, "ecm": "ls", "clamp": 5.0}),
@@ -96,7 +96,7 @@ NORM_SPECS: dict[str, NormSpec] = {
 NORMS = tuple(NORM_SPECS)
 OPTIONS = ("groups", "channels_per_group", "eps", "momentum", "sync_stats", "r_max", "d_max",
            "renorm_from", "r_max_at", "d_max_at", "warmup", "buffer_size", "learned_eps", "act",
-           "alpha", "window", "burnin", "alpha_fwd", "alpha_bkw", "ecm", "clamp")
+           "alpha", "window", "burnin", "compensate", "alpha_fwd", "alpha_bkw", "ecm", "clamp")
 
 
 def _number(low: float, high: float | None = None, low_open: bool = False):
@@ -120,7 +120,7 @@ CHECKS = {"eps": _number(0, low_open=True), "momentum": _number(0, 1, low_open=T
           "r_max": _number(1), "d_max": _number(0), "renorm_from": _integer(0),
           "r_max_at": _integer(0), "d_max_at": _integer(0), "warmup": _integer(0),
           "buffer_size": _integer(1), "alpha": _number(0, low_open=True),
-          "window": _integer(1), "burnin": _integer(0),
+          "window": _integer(1), "burnin": _integer(0), "compensate": _BOOL,
           "alpha_fwd": _number(0, 1), "alpha_bkw": _number(0, 1),
           "ecm": (lambda v: v in ECMS, " | ".join(ECMS)), "clamp": _number(0, low_open=True)}
 
@@ -177,6 +177,8 @@ def build_norm(name: str | NormSpec, num_channels: int, conv: nn.Conv2d | None =
                                    the layer itself is an identity)
       window, burnin               cbn (8, 0): k, the iterations whose statistics are used;
                                    the first burnin optimizer steps are plain BN
+      compensate                   cbn (True): the Taylor compensation; False is the paper's
+                                   naive baseline, the old statistics as recorded
     """
     name, spec = spec_of(name)
     if spec.label and set(options) - {"act"}:  # a user's layer: custom_spec bound its options

@@ -29,7 +29,7 @@ def pair(ws=False, factored=False, **opts):
     if factored:
         norm.dense_bytes = 0
         norm.devices_changed()
-    assert norm.dense != factored
+    assert norm.dense != factored or not norm.compensate  # the naive window keeps neither
     with torch.no_grad():
         conv.weight.copy_(torch.linspace(-1, 1, conv.weight.numel()).view(conv.weight.shape))
         norm.weight.copy_(torch.linspace(0.5, 1.5, C))
@@ -40,9 +40,10 @@ def pair(ws=False, factored=False, **opts):
 class CBNReference:
     """One device, histories in lists: the paper's estimate over the last k iterations."""
 
-    def __init__(self, gamma, beta, k, burnin, eps, ws):
+    def __init__(self, gamma, beta, k, burnin, eps, ws, compensate=True):
         self.gamma, self.beta, self.k, self.burnin, self.eps, self.ws = gamma, beta, k, burnin, \
             eps, ws
+        self.compensate = compensate  # False: the paper's naive baseline
         self.history, self.t = [], 0  # (mu, nu, dmu/dtheta, dnu/dtheta, theta)
 
     def weight(self, theta):
@@ -61,7 +62,7 @@ class CBNReference:
         if self.t > self.burnin:
             for (m0, n0, dm, dn, th0, s) in self.history:
                 if s >= self.t - (self.k - 1):
-                    d = theta - th0
+                    d = (theta - th0) * self.compensate
                     mc, nc = m0 + (dm * d).sum((1, 2, 3)), n0 + (dn * d).sum((1, 2, 3))
                     old.append((mc, torch.maximum(nc, mc * mc)))
         if self.t > self.burnin - (self.k - 1):
@@ -150,6 +151,30 @@ def test_cbn_steps_match_the_paper(devices, ws, factored):
     want = F.batch_norm(net[0](u), running[0], running[1], norm.weight, norm.bias, False, 0,
                         1e-3)
     torch.testing.assert_close(net(u), want)
+
+
+def test_cbn_without_compensation_is_the_naive_window():
+    """compensate=False, the paper's naive baseline: the old entries' statistics as recorded,
+    with the floor; no derivatives or activations kept. Weights moving every step, so the
+    compensated layer differs."""
+    net, comp = pair(compensate=False), pair()
+    configure_devices(net, virtual_devices=2), configure_devices(comp, virtual_devices=2)
+    norm = net[1]
+    refs = [CBNReference(norm.weight.detach().clone(), norm.bias.detach().clone(), 3, 2, 1e-3,
+                         False, compensate=False) for _ in range(2)]
+    differs = False
+    for u, up, dtheta in data(8, 4):
+        theta = net[0].weight.detach().clone()
+        y, dx = run(net, u, up)
+        want = [r.step(us, theta, ups) for r, us, ups in zip(refs, u.chunk(2), up.chunk(2))]
+        torch.testing.assert_close(y, torch.cat([w[0] for w in want]))
+        torch.testing.assert_close(dx, torch.cat([w[1] for w in want]))
+        torch.testing.assert_close(norm.weight.grad, sum(w[2] for w in want))
+        differs |= not torch.allclose(y, run(comp, u, up)[0])
+        move(net, dtheta), move(comp, dtheta)
+    assert differs
+    assert all(getattr(norm, b).numel() == 0 for b in ("window_gmu", "window_gnu", "window_x"))
+    assert "compensate=False" in repr(norm)
 
 
 @pytest.mark.parametrize("factored", [False, True])
