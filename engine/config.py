@@ -454,6 +454,7 @@ def validate(cfg: DictConfig) -> None:
                     t.accumulate, cfg.norm.name)
 
     validate_custom(cfg)
+    warn_unused_norm_keys(cfg)
     wandb_mode = os.environ.get("WANDB_MODE")
     if cfg.logger.mode != "disabled" and wandb_mode and wandb_mode not in WANDB_MODES:
         raise ConfigError(f"WANDB_MODE={wandb_mode!r} (environment) is invalid; allowed: "
@@ -478,6 +479,29 @@ def validate(cfg: DictConfig) -> None:
     except ValueError as e:
         raise ConfigError(f"norm.name={cfg.norm.name!r} at batch_size_per_device="
                           f"{cfg.batch_size_per_device}: {e}") from None
+
+
+# the keys only some built-in norms read (unset: None); each norm's own come from its spec
+NORM_SPECIFIC_KEYS = tuple(k for k, v in BUILT_IN_NORM_KEYS.items() if v is None)
+
+
+def warn_unused_norm_keys(cfg) -> None:
+    """A norm-specific key set for a norm that does not read it does nothing: one warning
+    naming who reads it. Not an error: a sweep across norms may set it for some of them."""
+    from norms.factory import NORM_SPECS
+    name = cfg.norm.name
+    if name == CUSTOM or name not in NORM_SPECS:  # custom: validate_custom; unknown: refused
+        return
+
+    def reads(spec) -> set[str]:
+        keys = set(spec.defaults) | ({"groups", "channels_per_group"} if spec.grouped else set())
+        return keys | ({"simulated_batch"} if "buffer_size" in spec.defaults else set())
+    for key in NORM_SPECIFIC_KEYS:
+        value = cfg.norm[key]
+        if value is not None and key not in reads(NORM_SPECS[name]):
+            readers = [n for n, spec in NORM_SPECS.items() if key in reads(spec)]
+            log.warning("norm.%s=%r does nothing with norm.name=%r; it is read by %s",
+                        key, value, name, ", ".join(readers))
 
 
 def validate_custom(cfg) -> None:

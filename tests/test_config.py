@@ -467,3 +467,20 @@ def test_the_queue_does_not_start_a_cell_finished_earlier_in_its_folder(tmp_path
     assert [line.split()[0] for line in out] == ["FAILED", "done"]
     assert out[1].endswith(f"(finished earlier in {tmp_path})")
     assert (done / "console.log").read_text() == "the first run's log"
+
+
+def test_a_key_the_norm_does_not_read_is_warned_and_no_preset_sets_one(caplog):
+    """norm.window with bn does nothing: one warning naming who reads the key (a sweep across
+    norms may set it for some of them, so not an error). Every preset sets only its own keys."""
+    from conftest import ROOT
+    presets = sorted(p.stem for p in (ROOT / "configs" / "norm").glob("*.yaml"))
+    for preset in (p for p in presets if p != "custom"):
+        validate(make_cfg(f"norm={preset}"))
+    assert "does nothing" not in caplog.text
+    validate(make_cfg("norm=bn", "norm.window=3", "norm.compensate=false"))
+    assert "norm.window=3 does nothing with norm.name='bn'; it is read by cbn" in caplog.text
+    assert "norm.compensate=False does nothing with norm.name='bn'; it is read by cbn" \
+        in caplog.text
+    caplog.clear()
+    validate(make_cfg("norm=gn", "norm.groups=4", "norm.r_max=3"))
+    assert caplog.text.count("does nothing") == 1 and "it is read by brn, mabn" in caplog.text
