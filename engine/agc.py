@@ -38,12 +38,13 @@ def adaptive_clip_grad_(params: Iterable[torch.Tensor], clipping: float = CLIPPI
         if p.grad is not None:
             groups[(unit_rows(p).shape[1], p.device, p.dtype)].append(p)
     for group in groups.values():
-        norms = [torch.linalg.vector_norm(torch.cat([unit_rows(t) for t in ts]), dim=1)
-                 for ts in (group, [p.grad for p in group])]
+        units = [unit_rows(p) for p in group]
+        norms = [torch.linalg.vector_norm(torch.cat(rows), dim=1)
+                 for rows in (units, [unit_rows(p.grad) for p in group])]
         max_norm = norms[0].clamp_min_(eps).mul_(clipping)
         # lambda max(|W_i|, eps) / |G_i| where that is below 1, else exactly 1 (unchanged)
         factor = max_norm.div_(norms[1].clamp_min_(1e-6)).clamp_max_(1.0)
-        rows = factor.split([unit_rows(p).shape[0] for p in group])
+        rows = factor.split([len(u) for u in units])
         torch._foreach_mul_([p.grad for p in group],
                             [f.view(-1, *(1,) * (p.ndim - 1)) if p.ndim > 1 else f.view(())
                              for f, p in zip(rows, group)])

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.nn import functional as dist_nn
 
-from .devices import DeviceAware, in_layout_of
+from .devices import DeviceAware, devices_apart, side_by_side
 
 
 class BatchNorm(DeviceAware, nn.BatchNorm2d):
@@ -73,8 +73,7 @@ class BatchNorm(DeviceAware, nn.BatchNorm2d):
         if devices == 1:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 True, factor, self.eps)
-        # [K*b, C, *] -> [b, K*C, *]: device k's channel c becomes channel k*C + c.
-        xs = x.unflatten(0, (devices, n // devices)).transpose(0, 1).flatten(1, 2)
+        xs = side_by_side(x, devices)
         mean = self.running_mean.repeat(devices)
         var = self.running_var.repeat(devices)
         y = F.batch_norm(xs, mean, var, self.weight.repeat(devices), self.bias.repeat(devices),
@@ -82,7 +81,7 @@ class BatchNorm(DeviceAware, nn.BatchNorm2d):
         with torch.no_grad():
             self.running_mean.copy_(mean.view(devices, c).mean(0))
             self.running_var.copy_(var.view(devices, c).mean(0))
-        return in_layout_of(y.unflatten(1, (devices, c)).transpose(0, 1).flatten(0, 1), x)
+        return devices_apart(y, devices, x)
 
     def _cross_process(self, x: torch.Tensor) -> torch.Tensor:
         """SyncBN on any backend: gather (count, mean, var) of every process, differentiably.

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .devices import DeviceAware, StepAverage, in_layout_of
+from .devices import DeviceAware, StepAverage, devices_apart, side_by_side
 
 
 class BatchRenorm(DeviceAware, nn.Module):
@@ -87,8 +87,7 @@ class BatchRenorm(DeviceAware, nn.Module):
         n = x.shape[0]
         if n % k:
             raise ValueError(f"batch of {n} does not split into {k} virtual devices")
-        # [K*b, C, *] -> [b, K*C, *]: device k's channel c becomes channel k*C + c (as bn).
-        xs = x if k == 1 else x.unflatten(0, (k, n // k)).transpose(0, 1).flatten(1, 2)
+        xs = side_by_side(x, k)
         with torch.no_grad():
             # batch_norm's own statistics kernel: CPU's var_mean over (N, H, W) is ~4x slower
             mu_b, var_b = torch.batch_norm_update_stats(xs.to(self.running_std.dtype), None,
@@ -109,6 +108,4 @@ class BatchRenorm(DeviceAware, nn.Module):
                 self.running_mean.lerp_(mean[0], self.momentum)
                 self.running_std.lerp_(mean[1], self.momentum)
                 self.steps.add_(1)
-        if k == 1:
-            return y
-        return in_layout_of(y.unflatten(1, (k, c)).transpose(0, 1).flatten(0, 1), x)
+        return devices_apart(y, k, x)

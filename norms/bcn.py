@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .devices import DeviceAware, in_layout_of
+from .devices import DeviceAware, devices_apart, side_by_side
 
 
 class EstimatedBatchNorm(DeviceAware, nn.Module):
@@ -103,7 +103,7 @@ class EstimatedBatchNorm(DeviceAware, nn.Module):
         c = self.num_channels
         # Private estimates: slice s's channel c becomes channel s*C + c (as norms/batchnorm.py),
         # so per-device estimates are per-channel ones.
-        xt = x if slices == 1 else x.unflatten(0, (slices, -1)).transpose(0, 1).flatten(1, 2)
+        xt = side_by_side(x, slices)
         if self.training:
             self.update_estimates(xt)
             mu, var = self._rows(self.mu_hat), self._rows(self.var_hat)
@@ -114,9 +114,7 @@ class EstimatedBatchNorm(DeviceAware, nn.Module):
         weight, bias = (self.weight, self.bias) if slices == 1 else (
             self.weight.repeat(slices), self.bias.repeat(slices))
         y = F.batch_norm(xt, mu.flatten(), var.flatten(), weight, bias, False, 0.0, self.eps)
-        if slices == 1:
-            return y
-        return in_layout_of(y.unflatten(1, (slices, c)).transpose(0, 1).flatten(0, 1), x)
+        return devices_apart(y, slices, x)
 
 
 class BatchChannelNorm(nn.Module):

@@ -63,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .devices import DeviceAware, StepAverage, in_layout_of
+from .devices import DeviceAware, StepAverage, devices_apart, side_by_side
 from .ws import WSConv2d
 
 
@@ -74,9 +74,7 @@ def statistic_gradients(conv: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor,
     [K, groups, fan-in] (mu's is the same for every filter of a group) and [K, *W^.shape]."""
     b = inp.shape[0] // devices
     m = b * out[0, 0].numel()
-    # [K*b, C, *] -> [b, K*C, *]: the devices side by side as convolution groups
-    side = lambda z: z.unflatten(0, (devices, b)).transpose(0, 1).flatten(1, 2)  # noqa: E731
-    xi, y = side(inp), side(out)
+    xi, y = side_by_side(inp, devices), side_by_side(out, devices)  # devices as conv groups
     w, groups = conv.weight, devices * conv.groups
     grad = lambda x, cot: torch.nn.grad.conv2d_weight(  # noqa: E731
         x, (cot.shape[1], *w.shape[1:]), cot, conv.stride, conv.padding, conv.dilation, groups)
@@ -251,10 +249,7 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         record = past > 0 and t > self.burnin - past
         if record and self.compensate and (inp is None or inp.shape[0] != x.shape[0]):
             raise ValueError("cbn: its convolution did not run on this batch just before it")
-        # [K*b, C, *] -> [b, K*C, *]: device k's channel c becomes channel k*C + c (as bn)
-        xs = x.to(self.running_mean.dtype)
-        if k > 1:
-            xs = xs.unflatten(0, (k, -1)).transpose(0, 1).flatten(1, 2)
+        xs = side_by_side(x.to(self.running_mean.dtype), k)
         with torch.no_grad():  # the current batch's statistics' gradient: in Normalize
             # batch_norm's own statistics kernel: CPU's var_mean is ~4x slower (as brn)
             mu_t, var_t = (v.view(k, -1) for v in torch.batch_norm_update_stats(xs, None, None,
@@ -279,8 +274,6 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
             sigma2 = (var_t + var_old + between) / n
         y = Normalize.apply(xs, mu_bar.flatten(), sigma2.flatten(), self.weight.repeat(k),
                             self.bias.repeat(k), n, self.eps)
-        if k > 1:
-            y = y.unflatten(1, (k, -1)).transpose(0, 1).flatten(0, 1)
         with torch.no_grad():
             if record:
                 self._record(step, t, inp, x, mu_t, var_t)
@@ -291,7 +284,7 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
             if step.last:
                 self.steps.add_(1)
                 self._steps_seen = (self.steps, self.steps._version, t)
-        return in_layout_of(y.to(x.dtype), x)
+        return devices_apart(y.to(x.dtype), k, x)
 
     def _compensation(self, rows: slice, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The first-order terms d mu / d W^ . (W^_t - W^_{t-tau}) and the same for nu, for the

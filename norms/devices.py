@@ -44,6 +44,21 @@ def in_layout_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def side_by_side(x: torch.Tensor, devices: int) -> torch.Tensor:
+    """[K*b, C, *] -> [b, K*C, *]: device k's channel c becomes channel k*C + c, so per-channel
+    kernels (batch_norm and its statistics) compute per device. x itself when K = 1."""
+    if devices == 1:
+        return x
+    return x.unflatten(0, (devices, -1)).transpose(0, 1).flatten(1, 2)
+
+
+def devices_apart(y: torch.Tensor, devices: int, x: torch.Tensor) -> torch.Tensor:
+    """side_by_side's inverse, [b, K*C, *] -> [K*b, C, *], in x's memory format."""
+    if devices > 1:
+        y = y.unflatten(1, (devices, -1)).transpose(0, 1).flatten(0, 1)
+    return in_layout_of(y, x)
+
+
 class MicroStep(NamedTuple):
     """One training forward's place in its optimizer step."""
     rows: slice     # the device indices of its K devices

@@ -164,8 +164,8 @@ class OnlineNormFunction(torch.autograd.Function):
     (1 - alpha_b) v_{t-1} mean(y_t^2), mean(y_t) and mean(y_t^2) follow from a_t, s2_t and the
     stream, and the mean and variance streams and u are linear with a constant decay
     (`decayed`); v, whose decay 1 - (1 - alpha_b) mean(y_t^2) varies, is a log-depth scan
-    over [K, C] (`recurrence`). The same maths as the docstring's sample loop (tests/test_online_norm.py), up to
-    float rounding. Layer scaling's part of the backward is its exact gradient:
+    over [K, C] (`recurrence`). The same maths as the docstring's sample loop
+    (tests/test_online_norm.py), up to float rounding. Layer scaling's part of the backward is its exact gradient:
     dL/dz = (g - r^2 mean_CHW(g z) z) r."""
 
     @staticmethod
@@ -208,14 +208,12 @@ class OnlineNormFunction(torch.autograd.Function):
         g_mean = gs.mean(-1)                                                # [K, b, C]
         gy_mean = (torch.linalg.vecdot(gs, xs) / length - mu_before * g_mean) / scale
         # dL/dy = p g + q y + s per sample and channel: gamma dL/dz, through layer scaling
-        p = gamma * r
-        if ctx.ls:
-            m = (gamma * gy_mean + beta * g_mean).mean(-1, keepdim=True)   # mean_CHW(g z)
-            q, s = -gamma.square() * r.pow(3) * m, -gamma * beta * r.pow(3) * m
-        else:
-            q = s = torch.zeros_like(p)
+        # mean_CHW(g z), layer scaling's projection (none without it: r = 1, m = 0)
+        m = ((gamma * gy_mean + beta * g_mean).mean(-1, keepdim=True) if ctx.ls
+             else torch.zeros_like(r))
+        p, rho = gamma * r, r.square() * m
+        q, s = -gamma.square() * r * rho, -gamma * beta * r * rho
         # dL/dgamma = sum dL/dz y, dL/dbeta = sum dL/dz, dL/dz = (dL/dy) / gamma
-        rho = r.square() * (m if ctx.ls else 0)
         z_y = gamma * y2_mean + beta * y_mean                                # mean(z y)
         z_mean = gamma * y_mean + beta
         d_gamma = (length * r * (gy_mean - rho * z_y)).sum((0, 1))
