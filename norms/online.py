@@ -165,8 +165,8 @@ class OnlineNormFunction(torch.autograd.Function):
     stream, and the mean and variance streams and u are linear with a constant decay
     (`decayed`); v, whose decay 1 - (1 - alpha_b) mean(y_t^2) varies, is a log-depth scan
     over [K, C] (`recurrence`). The same maths as the docstring's sample loop
-    (tests/test_online_norm.py), up to float rounding. Layer scaling's part of the backward is its exact gradient:
-    dL/dz = (g - r^2 mean_CHW(g z) z) r."""
+    (tests/test_online_norm.py), up to float rounding. Layer scaling's part of the backward is
+    its exact gradient: dL/dz = (g - r^2 mean_CHW(g z) z) r."""
 
     @staticmethod
     def forward(ctx, x, mu, var, u, v, weight, bias, alpha_fwd, alpha_bkw, eps, ls):
