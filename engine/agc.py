@@ -36,9 +36,10 @@ def adaptive_clip_grad_(params: Iterable[torch.Tensor], clipping: float = CLIPPI
     groups = defaultdict(list)
     for p in params:
         if p.grad is not None:
-            groups[(unit_rows(p).shape[1], p.device, p.dtype)].append(p)
-    for group in groups.values():
-        units = [unit_rows(p) for p in group]
+            units = unit_rows(p)
+            groups[(units.shape[1], p.device, p.dtype)].append((p, units))
+    for members in groups.values():
+        group, units = zip(*members)
         norms = [torch.linalg.vector_norm(torch.cat(rows), dim=1)
                  for rows in (units, [unit_rows(p.grad) for p in group])]
         max_norm = norms[0].clamp_min_(eps).mul_(clipping)
