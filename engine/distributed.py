@@ -11,6 +11,7 @@ job exits non-zero instead of hanging; re-running the command resumes from the c
 """
 from __future__ import annotations
 
+import gc
 import logging
 import multiprocessing
 import os
@@ -58,8 +59,15 @@ def init_process(device: str, timeout_s: float) -> Process:
 
 
 def shutdown() -> None:
+    """Leave the process group and free it while Python is fully alive.
+
+    Models and DDP keep the group in reference cycles, so without a collection it is freed at
+    interpreter exit; a gloo worker thread still releasing its last work's tensors then takes
+    the GIL during finalization and the process aborts after a finished run (SIGABRT,
+    pytorch/pytorch#190489). Call it after the objects that hold the group are gone."""
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()  # the group's last owner: its destructor joins the worker threads
 
 
 def self_launch(cfg, run_dir: str, overrides: list[str]) -> dict:

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from engine.distributed import shutdown
 from norms import WSConv2d, build_norm, configure_devices, conv_factory
 from norms.ws import Standardize
 
@@ -218,28 +219,32 @@ def test_cbn_accumulation_micro_steps_are_devices(factored):
 
 
 def _processes(rank, init_file):
-    from engine.loop import Process, sync_buffers
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
-        ref, net = pair(), pair(factored=True)  # the two forms agree, across processes too
-        configure_devices(ref, virtual_devices=4)
-        configure_devices(net, virtual_devices=2, process_group=dist.group.WORLD)
-        mine = slice(rank * 4, rank * 4 + 4)
-        for u, up, dtheta in data(6, 8):
-            y_ref, dx_ref = run(ref, u, up)
-            y, dx = run(net, u[mine], up[mine])
-            torch.testing.assert_close(y, y_ref[mine])
-            torch.testing.assert_close(dx, dx_ref[mine])
-            move(ref, dtheta), move(net, dtheta)
-        sync_buffers(net, Process(rank, 2, torch.device("cpu"), dist.group.WORLD))
-        for (name, b), c in zip(net.named_buffers(), ref.buffers()):
-            if "window_" not in name or (b.numel() and c.numel()):  # a form's own: one side
-                torch.testing.assert_close(b, c, msg=name)
-        assert net[1].window_x.abs().sum(tuple(range(1, 6))).all()  # every device's rows
+        _compare_across_processes(rank)
         dist.barrier()  # neither leaves while the other's gloo threads still talk to it
     finally:
-        dist.destroy_process_group()
+        shutdown()  # with the layers above gone: the group is freed before Python exits
+
+
+def _compare_across_processes(rank):
+    from engine.loop import Process, sync_buffers
+    ref, net = pair(), pair(factored=True)  # the two forms agree, across processes too
+    configure_devices(ref, virtual_devices=4)
+    configure_devices(net, virtual_devices=2, process_group=dist.group.WORLD)
+    mine = slice(rank * 4, rank * 4 + 4)
+    for u, up, dtheta in data(6, 8):
+        y_ref, dx_ref = run(ref, u, up)
+        y, dx = run(net, u[mine], up[mine])
+        torch.testing.assert_close(y, y_ref[mine])
+        torch.testing.assert_close(dx, dx_ref[mine])
+        move(ref, dtheta), move(net, dtheta)
+    sync_buffers(net, Process(rank, 2, torch.device("cpu"), dist.group.WORLD))
+    for (name, b), c in zip(net.named_buffers(), ref.buffers()):
+        if "window_" not in name or (b.numel() and c.numel()):  # a form's own: one side
+            torch.testing.assert_close(b, c, msg=name)
+    assert net[1].window_x.abs().sum(tuple(range(1, 6))).all()  # every device's rows
 
 
 def test_cbn_processes_are_virtual_devices(tmp_path):
