@@ -1,7 +1,7 @@
 """The benchmark suite: every figure is a ratio of two timings taken side by side.
 
     python scripts/bench.py [--out DIR] [--threads N] [--device cpu|cuda] [--repeats 7]
-                            [--only norm,ws,nf,agc,model,step,loader,virtual]
+                            [--only norm,ws,nf,agc,model,bf16,step,loader,virtual]
     python scripts/bench.py --only norm --target my_pkg.MyNorm [--options '{"eps": 1e-3}']
 
 Prints a table and, with --out, writes DIR/bench.json and DIR/table.md. The figures:
@@ -29,6 +29,10 @@ Prints a table and, with --out, writes DIR/bench.json and DIR/table.md. The figu
                          backward, step) with each study normalizer at b = 1 (64 virtual
                          devices) and 64 / the same step with bn at b = 64: what a cell costs
                          beside BN's (bn at 64 against itself shows the noise)   (goal <= 2.0)
+  bf16_speedup           the engine's training step (train_step) in fp32 / the same step under
+                         trainer.precision=bf16's autocast, each study normalizer at b = 1 and
+                         64: what bf16 would save a study cell (issue 20 measured 1.3-1.5x for
+                         the whole run; its cells need fp32 and bf16 to agree first) (goal >= 1.3)
   step_vs_bare           engine.loop.train_step / a hand-written loop (zero_grad, forward,
                          cross-entropy, backward, SGD step), same model and batch (goal <= 1.05)
   loader_vs_torchvision  engine.data.GlobalBatches batches/s / torchvision's CIFAR10 with PIL
@@ -60,6 +64,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from itertools import count
 from pathlib import Path
 from typing import Callable
@@ -96,6 +101,7 @@ GOALS = {"norm_vs_native": ("<=", 1.5), "norm_vs_native.bcn": ("<=", 2.5),
          "norm_vs_native.cbn": ("<=", 2.0),
          "ws_conv_vs_conv": ("<=", 1.15), "scaled_ws_conv_vs_conv": ("<=", 1.2),
          "agc_vs_clip_grad_norm": ("<=", 3.0), "model_step_vs_bn": ("<=", 2.0),
+         "bf16_speedup": (">=", 1.3),
          "step_vs_bare": ("<=", 1.05),
          "loader_vs_torchvision": (">=", 5.0), "virtual_vs_accumulate": (">=", 1.8)}
 
@@ -267,6 +273,15 @@ def step_vs_bare(batch_sizes=(2, 32), arch: str = "resnet", depth: int = 20, nor
     return figure, details
 
 
+def study_model(norm: str, ws: bool, devices: int, depth: int = 20, device="cpu"):
+    """ResNet-`depth` with `norm` over `devices` virtual devices, and the study's SGD."""
+    torch.manual_seed(0)
+    model = build_model("resnet", depth, norm=norm, ws=ws, groups=GROUPS).to(device)
+    configure_devices(model, devices)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                                  weight_decay=5e-4)
+
+
 def model_step_vs_bn(norms=tuple(STUDY_NORMS), batch_sizes=(1, 64), images: int = 64,
                      depth: int = 20, repeats: int = 7, target_s: float = 0.4, device="cpu"):
     """One SGD step of `images` images through ResNet-`depth` with each norm at each batch per
@@ -275,11 +290,7 @@ def model_step_vs_bn(norms=tuple(STUDY_NORMS), batch_sizes=(1, 64), images: int 
     y = torch.randint(0, 10, (images,), device=device)
 
     def stepper(norm: str, ws: bool, b: int) -> Callable[[], None]:
-        torch.manual_seed(0)
-        model = build_model("resnet", depth, norm=norm, ws=ws, groups=GROUPS).to(device)
-        configure_devices(model, images // b)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
-                              weight_decay=5e-4)
+        model, opt = study_model(norm, ws, images // b, depth, device)
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -293,6 +304,36 @@ def model_step_vs_bn(norms=tuple(STUDY_NORMS), batch_sizes=(1, 64), images: int 
         for b in batch_sizes:
             res = paired(stepper(*STUDY_NORMS[label], b), base, repeats, target_s,
                          device=device)
+            figure[label][str(b)], details[label][str(b)] = res["ratio"], res
+    return figure, details
+
+
+def bf16_speedup(norms=tuple(STUDY_NORMS), batch_sizes=(1, 64), images: int = 64,
+                 depth: int = 20, repeats: int = 7, target_s: float = 0.4, device="cpu"):
+    """The engine's training step (train_step) of `images` images in fp32 against the same
+    step under trainer.precision=bf16's autocast, each norm at each b: fp32 s / bf16 s."""
+    x = torch.randn(images, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (images,), device=device)
+    sums = (torch.zeros((), device=device, dtype=torch.float64),
+            torch.zeros((), device=device, dtype=torch.long))
+
+    def stepper(norm: str, ws: bool, b: int, step: Step):
+        """The step, and the dtype of the logits it computes (what precision really ran)."""
+        model, opt = study_model(norm, ws, images // b, depth, device)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(0, 10**9))
+        with torch.no_grad(), step.autocast():
+            dtype = str(model(x).dtype).removeprefix("torch.")
+        return (lambda: train_step(model, opt, sched, x, y, sums, step)), dtype
+    bf16 = Step(autocast=partial(torch.autocast, torch.device(device).type,
+                                 dtype=torch.bfloat16))
+    figure, details = {}, {}
+    for label in norms:
+        figure[label], details[label] = {}, {}
+        for b in batch_sizes:
+            (fp32_step, ours), (bf16_step, base) = (stepper(*STUDY_NORMS[label], b, s)
+                                                    for s in (Step(), bf16))
+            res = {**paired(fp32_step, bf16_step, repeats, target_s, device=device),
+                   "logits": [ours, base]}
             figure[label][str(b)], details[label][str(b)] = res["ratio"], res
     return figure, details
 
@@ -420,7 +461,8 @@ def virtual_vs_accumulate(devices: int = 16, batch: int = 2, norm: str = "bn",
 # ---------------------------------------------------------------- the suite
 
 
-FIGURE_KEYS = ("norm", "ws", "nf", "agc", "model", "step", "loader", "virtual")  # --only's
+FIGURE_KEYS = ("norm", "ws", "nf", "agc", "model", "bf16", "step", "loader",
+               "virtual")  # --only's
 
 
 def run_suite(only=FIGURE_KEYS, repeats: int = 7,
@@ -447,6 +489,9 @@ def run_suite(only=FIGURE_KEYS, repeats: int = 7,
         "model": ("model_step_vs_bn", lambda: model_step_vs_bn(
             depth=depth, images=4 if quick else 64, batch_sizes=(1, 4) if quick else (1, 64),
             **timing)),
+        "bf16": ("bf16_speedup", lambda: bf16_speedup(
+            depth=depth, images=4 if quick else 64, batch_sizes=(1, 4) if quick else (1, 64),
+            **timing)),
         "step": ("step_vs_bare", lambda: step_vs_bare(depth=depth, **timing)),
         "loader": ("loader_vs_torchvision", lambda: loader_vs_torchvision(
             images=640 if quick else 2560, batches=2 if quick else 0, **timing)),
@@ -460,9 +505,9 @@ def run_suite(only=FIGURE_KEYS, repeats: int = 7,
         bar.set_postfix_str(name)
         figures[name], details[name] = measure()
         if not quiet:  # each figure as it completes: a slow one is not a silent one
-            partial = {name: figures[name], "goals": goals({name: figures[name]}),
-                       "details": {name: details[name]}}
-            tqdm.write("\n".join(table(partial).splitlines()[2:]), file=sys.stderr)
+            shown = {name: figures[name], "goals": goals({name: figures[name]}),
+                     "details": {name: details[name]}}
+            tqdm.write("\n".join(table(shown).splitlines()[2:]), file=sys.stderr)
     return {**figures, "goals": goals(figures), "details": details,
             "setting": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "repeats": repeats, "quick": quick,

@@ -15,6 +15,8 @@ FIGURES = {"norm_vs_native": {"bn", "gn", "ln", "in", "bcn", "brn", "frn", "evon
            "scaled_ws_conv_vs_conv": None, "agc_vs_clip_grad_norm": None,
            "model_step_vs_bn": {"bn", "bcn_ws", "gn", "brn", "frn", "evonorm_b0", "evonorm_s0",
                                 "mabn", "online", "cbn", "nf"},
+           "bf16_speedup": {"bn", "bcn_ws", "gn", "brn", "frn", "evonorm_b0", "evonorm_s0",
+                            "mabn", "online", "cbn", "nf"},
            "step_vs_bare": {"2", "32"}, "loader_vs_torchvision": {"2", "128"},
            "virtual_vs_accumulate": None}
 
@@ -54,10 +56,13 @@ def test_quick_suite_writes_every_figure(tmp_path):
         assert result[fig] == max(d["ratio"] for d in details[fig]["by_shape"].values())
     assert result["agc_vs_clip_grad_norm"] == details["agc_vs_clip_grad_norm"]["ratio"]
     assert details["agc_vs_clip_grad_norm"]["parameters"] > 0
-    for norm, cases in result["model_step_vs_bn"].items():
-        assert set(cases) == {"1", "4"}  # quick: 4 images a step, b = 1 (4 devices) and 4
-        for b, v in cases.items():
-            assert v == details["model_step_vs_bn"][norm][b]["ratio"]
+    for fig in ("model_step_vs_bn", "bf16_speedup"):
+        for norm, cases in result[fig].items():
+            assert set(cases) == {"1", "4"}  # quick: 4 images a step, b = 1 (4 devices) and 4
+            for b, v in cases.items():
+                assert v == details[fig][norm][b]["ratio"]
+    for cases in details["bf16_speedup"].values():  # each side ran at its precision
+        assert all(d["logits"] == ["float32", "bfloat16"] for d in cases.values())
     for b, v in result["step_vs_bare"].items():
         assert v == details["step_vs_bare"][b]["ratio"]
     for b, v in result["loader_vs_torchvision"].items():
