@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,26 @@ def make_cfg(*overrides: str):
     """Compose configs/ with Hydra's compose API, as train.py would."""
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         return compose(config_name="config", overrides=list(overrides))
+
+
+@contextmanager
+def gloo_rank(rank: int, init_file: str, world: int = 2):
+    """One rank of a gloo group over a file store, for tests' spawned processes. It leaves
+    through the engine's shutdown(), which frees the group before Python exits (a group freed
+    at exit can abort the process): create what holds the group in a function called inside
+    the block, so that it is gone when the block ends."""
+    import torch
+    import torch.distributed as dist
+
+    from engine.distributed import shutdown
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.set_num_threads(1)
+    try:
+        yield
+        dist.barrier()  # neither leaves while the other's gloo threads still talk to it
+    finally:
+        shutdown()
 
 
 # Small and fast: a learnable generated data set, ResNet-8, one CPU thread.

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from engine.distributed import shutdown
+from conftest import gloo_rank
 from norms import WSConv2d, build_norm, configure_devices, conv_factory
 from norms.ws import Standardize
 
@@ -219,13 +219,8 @@ def test_cbn_accumulation_micro_steps_are_devices(factored):
 
 
 def _processes(rank, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    try:
+    with gloo_rank(rank, init_file):
         _compare_across_processes(rank)
-        dist.barrier()  # neither leaves while the other's gloo threads still talk to it
-    finally:
-        shutdown()  # with the layers above gone: the group is freed before Python exits
 
 
 def _compare_across_processes(rank):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.distributed import shutdown
+from conftest import gloo_rank
 from engine.loop import Process, sync_buffers
 from norms import build_norm, configure_devices
 
@@ -20,14 +20,8 @@ DT = torch.float64
 def _run(rank, init_file, norm, virtual_devices):
     """Each rank holds slices of one batch; `ref` is the same layer over the whole batch in one
     process (private bcn estimates: one process holding every device as a virtual device)."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
+    with gloo_rank(rank, init_file, WORLD):
         _compare_with_whole_batch(rank, norm, virtual_devices)
-        dist.barrier()  # neither leaves while the other's gloo threads still talk to it
-    finally:
-        shutdown()  # with the layers gone: the group is freed before Python exits
 
 
 def _compare_with_whole_batch(rank, norm, virtual_devices):
@@ -88,13 +82,8 @@ def test_cross_process_statistics_equal_whole_batch(tmp_path, norm, virtual_devi
 def _leave(rank, init_file):
     threads = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731
     before = threads()
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=WORLD)
-    torch.set_num_threads(1)
-    try:
+    with gloo_rank(rank, init_file, WORLD):
         _one_ddp_step()
-    finally:
-        shutdown()
     assert threads() == before, f"{threads() - before} threads of the group outlive shutdown()"
 
 
