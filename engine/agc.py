@@ -40,15 +40,16 @@ def adaptive_clip_grad_(params: Iterable[torch.Tensor], clipping: float = CLIPPI
             groups[(units.shape[1], p.device, p.dtype)].append((p, units))
     for members in groups.values():
         group, units = zip(*members)
-        norms = [torch.linalg.vector_norm(torch.cat(rows), dim=1)
-                 for rows in (units, [unit_rows(p.grad) for p in group])]
-        max_norm = norms[0].clamp_min_(eps).mul_(clipping)
+        # the weights' and the gradients' rows in one tensor: one norm kernel for both
+        rows = torch.cat([*units, *(unit_rows(p.grad) for p in group)])
+        weight_norm, grad_norm = torch.linalg.vector_norm(rows, dim=1).chunk(2)
+        max_norm = weight_norm.clamp_min_(eps).mul_(clipping)
         # lambda max(|W_i|, eps) / |G_i| where that is below 1, else exactly 1 (unchanged)
-        factor = max_norm.div_(norms[1].clamp_min_(1e-6)).clamp_max_(1.0)
-        rows = factor.split([len(u) for u in units])
+        factor = max_norm.div_(grad_norm.clamp_min_(1e-6)).clamp_max_(1.0)
+        factors = factor.split([len(u) for u in units])
         torch._foreach_mul_([p.grad for p in group],
                             [f.view(-1, *(1,) * (p.ndim - 1)) if p.ndim > 1 else f.view(())
-                             for f, p in zip(rows, group)])
+                             for f, p in zip(factors, group)])
 
 
 def clipped_parameters(model: nn.Module) -> list[nn.Parameter]:
