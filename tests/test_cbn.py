@@ -254,19 +254,25 @@ def test_cbn_closed_form_derivatives_are_autograd_per_device():
     gen = torch.Generator().manual_seed(5)
     for conv in (nn.Conv2d(CIN, C, 3, stride=2, padding=1, bias=False),
                  nn.Conv2d(2 * CIN, C, 3, padding=1, groups=2),
-                 WSConv2d(CIN, C, 3, padding=1, bias=False)):
+                 WSConv2d(CIN, C, 3, padding=1, bias=False),
+                 nn.Conv2d(CIN, C, 1, stride=2, bias=False),  # a ResNet shortcut
+                 nn.Conv2d(CIN, C, (3, 2), stride=(2, 1), padding=(0, 1), dilation=(1, 2)),
+                 nn.Conv2d(CIN, C, 3, padding="same", dilation=2),
+                 nn.Conv2d(CIN, C, 2, stride=3, padding="valid")):
         conv = conv.to(DT)
         u = torch.randn(6, conv.in_channels, 5, 5, generator=gen, dtype=DT)
         g_mu, g_nu = statistic_gradients(conv, u, conv(u).detach(), 3)
         w_hat = conv.standardize(conv.weight) if isinstance(conv, WSConv2d) else conv.weight
         w_hat = w_hat.detach().requires_grad_(True)  # the weight the conv applies
         for d, ud in enumerate(u.chunk(3)):
-            x = F.conv2d(ud, w_hat, conv.bias, conv.stride, conv.padding, 1, conv.groups)
+            x = F.conv2d(ud, w_hat, conv.bias, conv.stride, conv.padding, conv.dilation,
+                         conv.groups)
             want = torch.autograd.grad(x.mean((0, 2, 3)).sum(), w_hat)[0]
             # one filter per group: every filter of the group has it
             torch.testing.assert_close(g_mu[d].repeat_interleave(C // conv.groups, 0),
                                        want.flatten(1))
-            x = F.conv2d(ud, w_hat, conv.bias, conv.stride, conv.padding, 1, conv.groups)
+            x = F.conv2d(ud, w_hat, conv.bias, conv.stride, conv.padding, conv.dilation,
+                         conv.groups)
             want = torch.autograd.grad((x * x).mean((0, 2, 3)).sum(), w_hat)[0]
             torch.testing.assert_close(g_nu[d], want)
 
@@ -291,6 +297,10 @@ def test_cbn_impossible_set_ups_are_one_line():
         build_norm("cbn", 4)
     with pytest.raises(ValueError, match="out_channels=5, the norm num_channels=4"):
         build_norm("cbn", 4, conv=nn.Conv2d(3, 5, 3))
+    with pytest.raises(ValueError, match="padding_mode='reflect'; allowed: zeros, the same"):
+        build_norm("cbn", 4, conv=nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="padding='same', padding_mode='zeros'; allowed"):
+        build_norm("cbn", 4, conv=nn.Conv2d(3, 4, 2, padding="same"))
     with pytest.raises(ValueError, match="cbn: window=0 is invalid; allowed: an integer >= 1"):
         build_norm("cbn", 4, conv=nn.Conv2d(3, 4, 3), window=0)
     norm = build_norm("cbn", 4, conv=nn.Conv2d(3, 4, 3), window=2, burnin=0)
