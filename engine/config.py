@@ -64,7 +64,7 @@ class NormConfig:
     simulated_batch: Optional[int] = None  # mabn: averages over simulated_batch / b steps
     learned_eps: bool = False        # frn: eps + |eps_l|, eps_l learned (eps the floor)
     alpha: Optional[float] = None    # nf: the NF block's residual scale (default 0.2)
-    window: Optional[int] = None     # cbn: k, the iterations whose statistics are used (8)
+    window: Optional[int] = None     # cbn: k, the iterations whose statistics are used (4)
     burnin: Optional[float] = None   # cbn: plain-BN steps before the window is used
     compensate: Optional[bool] = None  # cbn: the Taylor compensation (false: the naive window)
     alpha_fwd: Optional[float] = None  # online: decay of the streamed mean and variance

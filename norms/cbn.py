@@ -181,7 +181,7 @@ class Normalize(torch.autograd.Function):
 class CrossIterationBatchNorm(DeviceAware, nn.Module):
     per_device_buffers = ("window_mu", "window_nu", "window_gmu", "window_gnu") + FACTORED
 
-    def __init__(self, num_channels: int, conv: nn.Conv2d | None = None, window: int = 8,
+    def __init__(self, num_channels: int, conv: nn.Conv2d | None = None, window: int = 4,
                  burnin: int = 0, eps: float = 1e-5, momentum: float = 0.1,
                  compensate: bool = True, dense_bytes: int = DENSE_BYTES):
         super().__init__()

@@ -13,9 +13,9 @@ Prints a table and, with --out, writes DIR/bench.json and DIR/table.md. The figu
                          (F.batch_norm: brn, evonorm_b0, mabn, online; F.group_norm: frn,
                          evonorm_s0)
                       (goal <= 2.0 brn, frn, evonorm_s0; <= 3.0 evonorm_b0, mabn, online)
-                         cbn with the 3x3 conv before it, its window full (k = 8), against
+                         cbn with the 3x3 conv before it, its window full (k = 4), against
                          the same conv + F.batch_norm: cbn's extra work is one weight-gradient
-                         convolution (nu's; mu's is one filter's) and the compensation
+                         convolution (nu's; mu's is two small matmuls) and the compensation
                                                                                  (goal <= 2.0)
                          --target: your layer (norm=custom's target and options) instead,
                          against F.batch_norm if it is batch-dependent, else F.group_norm
@@ -159,7 +159,7 @@ def native_norm(name: str, c: int, device="cpu") -> Callable:
     return lambda x: F.group_norm(x, groups, weight, bias, 1e-5)
 
 
-def conv_and_cbn(c: int, device="cpu", window: int = 8) -> tuple[nn.Module, Callable]:
+def conv_and_cbn(c: int, device="cpu", window: int = 4) -> tuple[nn.Module, Callable]:
     """cbn needs the conv before it (it records that conv's input): a 3x3 conv and cbn, its
     window already full, against the same conv and F.batch_norm."""
     conv_cls, link = conv_factory("cbn", False)
