@@ -271,6 +271,12 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
         return seen[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In the buffers' precision throughout: under bf16 autocast the window's matmuls and
+        # convolutions would otherwise run in bf16. The output goes back to x's dtype.
+        with torch.autocast(x.device.type, enabled=False):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         inp, self._input = self._input, None  # never kept past this forward (copies, memory)
         if x.dim() < 3:
             raise ValueError(f"cbn expects [N, C, H, W] input, got {tuple(x.shape)}")

@@ -277,6 +277,24 @@ def test_cbn_closed_form_derivatives_are_autograd_per_device():
             torch.testing.assert_close(g_nu[d], want)
 
 
+@pytest.mark.parametrize("ws,factored", [(False, False), (True, False), (False, True)])
+def test_cbn_computes_in_float32_under_autocast(ws, factored):
+    """trainer.precision=bf16 runs the forward under autocast: the conv before cbn in bf16,
+    but cbn itself (statistics, window, derivatives, compensation) in its float32 buffers, so
+    given the same input it is the same layer with autocast on or off."""
+    nets = [pair(ws, factored).float() for _ in range(2)]
+    for u, up, dtheta in data(7, 4):
+        ys = []
+        for net, amp in zip(nets, (False, True)):
+            x = net[0](u.float())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                ys.append(net[1](x))
+            move(net, dtheta.float())
+        assert ys[1].dtype == torch.float32
+        torch.testing.assert_close(ys[1], ys[0], rtol=0, atol=0)
+    assert nets[1][1].step_count() > OPTS["burnin"] + OPTS["window"]  # the window was used
+
+
 def test_cbn_models_link_each_norm_to_the_conv_before_it():
     from models import build_model
     for arch, depth in (("resnet", 20), ("resnet", 18), ("vgg", 11)):
