@@ -82,6 +82,12 @@ class OnlineNorm(DeviceAware, nn.Module):
                     (d, self.num_channels), 1.0 if name == "var" else 0.0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In the streams' float32 throughout: under bf16 autocast the streams' batched matmul
+        # (`decayed`) and the eval statistics would otherwise run in bf16.
+        with torch.autocast(x.device.type, enabled=False):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2:
             raise ValueError(f"online norm expects [N, C, *] input, got {tuple(x.shape)}")
         if self.training:

@@ -223,3 +223,28 @@ def test_online_then_an_in_place_relu(ecm):
         (relu(layer(xr)) * up).sum().backward()
         grads.append(xr.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ecm", ["ls", "ac"])
+def test_online_computes_in_float32_under_autocast(ecm):
+    """trainer.precision=bf16 runs the forward under autocast, which would lower the streams'
+    batched matmul to bf16: given the same float32 input the layer is the same with autocast
+    on or off (output, gradients, streams), in training and in eval."""
+    layers = [make(torch.Generator().manual_seed(4), ecm, devices=2).float() for _ in range(2)]
+    for x, up in batches(torch.Generator().manual_seed(5), 4, 8):
+        outs = []
+        for layer, amp in zip(layers, (False, True)):
+            x_ = x.float().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                y = layer(x_)  # the backward outside autocast, as the engine's
+            outs.append((y, *torch.autograd.grad((y * up.float()).sum(),
+                                                 [x_, layer.weight, layer.bias])))
+        for got, want in zip(outs[1], outs[0]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in zip(layers[0].buffers(), layers[1].buffers()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    x = batches(torch.Generator().manual_seed(6), 1, 4)[0][0].float()
+    layers[0].eval(), layers[1].eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layers[1](x)
+    torch.testing.assert_close(got, layers[0](x), rtol=0, atol=0)
