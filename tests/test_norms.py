@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from norms import (BatchChannelNorm, BatchNorm, GroupNorm, WSConv2d, build_norm,
                    check_statistics, configure_devices)
+from norms.factory import NORM_SPECS
 
 DT = torch.float64
 
@@ -447,3 +448,33 @@ def test_bcn_private_estimates_per_virtual_device():
     torch.testing.assert_close(layer(x), avg(x))
     with pytest.raises(ValueError, match="bcn: sync_stats='no' is invalid; allowed: true or false"):
         build_norm("bcn", 6, groups=2, sync_stats="no")
+
+
+@pytest.mark.parametrize("name", [n for n, s in NORM_SPECS.items()
+                                  if not s.takes_conv and n not in ("none", "nf", "syncbn")])
+def test_every_norm_computes_in_float32_under_bf16_autocast(name):
+    """trainer.precision=bf16 runs the forward under autocast: convolutions in bf16, norms in
+    their float32 (autocast lowers any matmul a norm's statistics would use). Given the same
+    float32 input, each layer is the same with autocast on or off: outputs, gradients (the
+    backward outside autocast, as the engine's), and in eval. cbn: tests/test_cbn.py."""
+    grouped = {"groups": 4} if NORM_SPECS[name].grouped else {}
+    layers = [build_norm(name, 8, **grouped) for _ in range(2)]
+    for layer in layers:
+        configure_devices(layer, virtual_devices=2)
+    layers[1].load_state_dict(layers[0].state_dict())
+    gen = torch.Generator().manual_seed(0)
+    for t in range(6):  # past MABN's and BRN's first steps: windows and running statistics
+        x, up = torch.randn(4, 8, 5, 5, generator=gen) * (1 + t) + t, torch.randn(4, 8, 5, 5)
+        outs = []
+        for layer, amp in zip(layers, (False, True)):
+            xg = x.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                y = layer(xg)
+            outs.append((y, *torch.autograd.grad((y * up).sum(), [xg, *layer.parameters()])))
+        for got, want in zip(*outs[::-1]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for layer in layers:
+        layer.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layers[1](x)
+    torch.testing.assert_close(got, layers[0](x), rtol=0, atol=0)
