@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .devices import DeviceAware, StepAverage, devices_apart, side_by_side
+from .devices import DeviceAware, StepAverage, autocast_off, devices_apart, side_by_side
 from .ws import WSConv2d
 
 
@@ -97,22 +97,20 @@ def statistic_gradients(conv: nn.Conv2d, inp: torch.Tensor, out: torch.Tensor,
     """d mu / d W^ and d nu / d W^ per device, W^ the weight the conv applies (WS's output for a
     WSConv2d), for the conv's input `inp` [K*b, C_in, *] and its output `out` [K*b, C_out, *]:
     [K, groups, fan-in] (mu's is the same for every filter of a group) and [K, *W^.shape]."""
-    b = inp.shape[0] // devices
-    m = b * out[0, 0].numel()
+    b, positions, pad = inp.shape[0] // devices, out[0, 0].numel(), conv_padding(conv)
+    m = b * positions
     # d mu_c / d W^_c = mean_M(P) is linear in the input: the device's mean image's patches
     # summed over the output positions, rows x cols^T with each dim's taps (two small matmuls;
     # a weight-gradient conv of a constant cotangent is 7x slower at 64 devices)
     rows, cols = (patch_taps(*dims, inp.dtype, inp.device) for dims in zip(
-        inp.shape[2:], out.shape[2:], conv.kernel_size, conv.stride, conv_padding(conv),
-        conv.dilation))
+        inp.shape[2:], out.shape[2:], conv.kernel_size, conv.stride, pad, conv.dilation))
     x_bar = inp.unflatten(0, (devices, b)).mean(1)                              # [K, C_in, H, W]
-    g_mu = (rows @ (x_bar @ cols.T)).div_(out[0, 0].numel())               # [K, C_in, kh, kw]
+    g_mu = (rows @ (x_bar @ cols.T)).div_(positions)                       # [K, C_in, kh, kw]
     # d nu / d W^: one weight-gradient convolution, devices as convolution groups
     w, groups = conv.weight, devices * conv.groups
     g_nu = torch.nn.grad.conv2d_weight(
         side_by_side(inp, devices), (devices * w.shape[0], *w.shape[1:]),
-        side_by_side(out, devices) * (2 / m), conv.stride, conv_padding(conv), conv.dilation,
-        groups)
+        side_by_side(out, devices) * (2 / m), conv.stride, pad, conv.dilation, groups)
     return g_mu.view(devices, conv.groups, -1), g_nu.view(devices, *w.shape)
 
 
@@ -270,13 +268,8 @@ class CrossIterationBatchNorm(DeviceAware, nn.Module):
             self._steps_seen = seen = (self.steps, self.steps._version, int(self.steps))
         return seen[2]
 
+    @autocast_off  # the window's einsum and the factored form's convolutions in float32
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In the buffers' precision throughout: under bf16 autocast the window's matmuls and
-        # convolutions would otherwise run in bf16. The output goes back to x's dtype.
-        with torch.autocast(x.device.type, enabled=False):
-            return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         inp, self._input = self._input, None  # never kept past this forward (copies, memory)
         if x.dim() < 3:
             raise ValueError(f"cbn expects [N, C, H, W] input, got {tuple(x.shape)}")

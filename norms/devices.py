@@ -27,11 +27,22 @@ touched (a new layout would re-create per-device state).
 from __future__ import annotations
 
 import copy
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+
+def autocast_off(forward):
+    """A norm's forward in its buffers' float32 under autocast: autocast lowers a matmul,
+    einsum or convolution to bf16 even on float32 tensors, which casting x alone cannot undo."""
+    @functools.wraps(forward)
+    def wrapped(self, x, *args, **kwargs):
+        with torch.autocast(x.device.type, enabled=False):
+            return forward(self, x, *args, **kwargs)
+    return wrapped
 
 
 def in_layout_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

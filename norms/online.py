@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .devices import DeviceAware
+from .devices import DeviceAware, autocast_off
 
 ECMS = ("ls", "ac", "none")
 
@@ -81,13 +81,8 @@ class OnlineNorm(DeviceAware, nn.Module):
                 setattr(self, name, getattr(self, name)[:1].new_full(
                     (d, self.num_channels), 1.0 if name == "var" else 0.0))
 
+    @autocast_off  # the streams' batched matmul (`decayed`) in float32
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In the streams' float32 throughout: under bf16 autocast the streams' batched matmul
-        # (`decayed`) and the eval statistics would otherwise run in bf16.
-        with torch.autocast(x.device.type, enabled=False):
-            return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2:
             raise ValueError(f"online norm expects [N, C, *] input, got {tuple(x.shape)}")
         if self.training:
